@@ -1,0 +1,324 @@
+"""Command line: check, plan, apply, status, explain, flush, run.
+
+Exit codes (SPEC §3): 0 ok / in sync, 1 error or invalid config, 3 changes
+pending (plan). Failures the user can act on are one sentence on stderr, never
+a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load
+
+DEFAULT_CONFIG = "/etc/markrouted.toml"
+EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 3
+
+
+class Fatal(Exception):
+    """A failure to report in one line and exit 1."""
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load(args.config)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{args.config}: {line}", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
+
+
+def _kernel(need_nft: bool = True) -> Any:
+    from .kernel import Kernel
+
+    return Kernel(need_nft=need_nft)
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args)
+    for line in config.warnings:
+        print(f"{args.config}: warning: {line}", file=sys.stderr)
+    if not args.kernel:
+        print(f"{args.config}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
+        return EXIT_OK
+    from .collisions import Finding, analyse
+    from .kernel.networkd import networkd_findings
+
+    kernel = _kernel(need_nft=False)
+    findings: list[Finding] = []
+    try:
+        kernel.nft.probe()
+        ruleset = kernel.nft.ruleset()
+    except Exception as exc:  # reported as a finding, not a traceback
+        from .kernel.errors import KernelError
+
+        if not isinstance(exc, KernelError):
+            raise
+        findings.append(Finding("error", str(exc)))
+        ruleset = {"nftables": []}
+    foreign_tables = {r.table for r in kernel.netlink.routes(owned=False)}
+    findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), foreign_tables)
+    findings += networkd_findings()
+    for f in findings:
+        print(str(f))
+    errors = sum(1 for f in findings if f.severity == "error")
+    warnings = len(findings) - errors
+    print(f"{args.config}: valid; kernel: {errors} errors, {warnings} warnings")
+    return EXIT_ERROR if errors else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .reconcile import compute
+
+    config = _load(args)
+    kernel = _kernel()
+    result = compute(config, kernel, _live_health())
+    if result.plan.empty:
+        print("in sync: nothing to change")
+        return EXIT_OK
+    for line in result.plan.lines():
+        print(line)
+    return EXIT_PENDING
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from .log import setup
+    from .reconcile import reconcile
+
+    config = _load(args)
+    log = setup("quiet" if args.quiet else "console")
+    kernel = _kernel()
+    result = reconcile(config, kernel, _live_health(), log=log)
+    if not args.quiet:
+        up = sum(1 for u in result.desired.uplinks if u.state == "up")
+        what = f"{result.writes} changes" if result.writes else "already in sync, nothing written"
+        print(f"applied: {what}; uplinks up {up}/{len(result.desired.uplinks)}")
+    return EXIT_OK
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    from .log import setup
+    from .reconcile import flush
+
+    config = _load(args)
+    log = setup("quiet" if args.quiet else "console")
+    kernel = _kernel()
+    writes = flush(config, kernel, log=log)
+    if not args.quiet:
+        print(f"flushed: {writes} objects removed" if writes else "flushed: nothing of markrouted's was installed")
+    return EXIT_OK
+
+
+def _live_health() -> dict[str, Any] | None:
+    """Health verdicts of a running daemon, so plan/apply agree with it."""
+    from .model import Health
+    from .status import read_live
+
+    doc = read_live()
+    if not doc:
+        return None
+    out = {}
+    for name, u in doc.get("health", {}).items():
+        out[name] = Health(bool(u.get("up")), str(u.get("reason", "")))
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import document, read_live, render
+
+    doc = read_live()
+    if doc is None:
+        from .reconcile import compute
+
+        config = _load(args)
+        kernel = _kernel()
+        result = compute(config, kernel)
+        doc = document(result.desired, result.plan.empty)
+    if args.json:
+        print(json.dumps(doc, indent=2, sort_keys=True))
+    else:
+        print(render(doc))
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .derive import derive
+    from .explain import Packet, classify, proto_number
+
+    config = _load(args)
+    try:
+        pkt = Packet(
+            daddr=ipaddress.ip_address(args.daddr),
+            proto=proto_number(args.proto) if args.proto else None,
+            dport=args.dport,
+            sport=args.sport,
+            saddr=ipaddress.ip_address(args.saddr) if args.saddr else None,
+            iif=args.iif,
+            uid=args.uid,
+            gid=args.gid,
+            cgroup=args.cgroup,
+        )
+    except ValueError as exc:
+        raise Fatal(str(exc)) from None
+    kernel = _kernel(need_nft=False)
+    observed = kernel.observe(config)
+    desired = derive(config, observed, _live_health())
+    where = f"forwarded, in on {pkt.iif}" if pkt.iif else "generated on this host"
+    desc = f"{args.proto or 'ip'} to {pkt.daddr}" + (f" port {pkt.dport}" if pkt.dport else "")
+    print(f"packet:  {desc} ({where})")
+    uplink_by_if = {u.interface: u for u in config.uplinks}
+    mark = 0
+    if pkt.iif in uplink_by_if:
+        u = uplink_by_if[pkt.iif]
+        print(f"policy:  none: a new connection arriving on uplink {u.name} is pinned to it, replies leave by it")
+    else:
+        policy = classify(config, pkt)
+        if policy is None:
+            print("policy:  none matches: the packet is not marked and follows the main table")
+        else:
+            status = next(p for p in desired.policies if p.name == policy.name)
+            print(f"policy:  {policy.name} (policy[{policy.index}])")
+            if not status.active:
+                if policy.fallback == "drop":
+                    print("uplink:  none usable: fallback = drop, the packet is dropped")
+                    return EXIT_OK
+                print("uplink:  none usable: fallback = main, the packet is not marked")
+            else:
+                ups = {u.name: u for u in desired.uplinks}
+                chosen = [n for n in status.active if pkt.family in ups[n].families] or list(status.active)
+                name = chosen[0]
+                if policy.balance and len(chosen) > 1:
+                    weights = dict(policy.balance)
+                    total = sum(weights[n] for n in chosen)
+                    share = ", ".join(f"{n} {weights[n]}/{total}" for n in chosen)
+                    print(f"balance: new flows split {share}; showing {name}")
+                u = ups[name]
+                mark = u.mark
+                print(f"uplink:  {name} (mark {u.mark:#010x}/{config.settings.mark_mask:#010x}, table {u.table})")
+    iif_index = None
+    if pkt.iif:
+        link = observed.link(pkt.iif)
+        if link is None:
+            raise Fatal(f"interface {pkt.iif} does not exist")
+        iif_index = link.index
+    try:
+        route = kernel.netlink.route_get(
+            str(pkt.daddr), mark=mark, src=str(pkt.saddr) if pkt.saddr else None, iif=iif_index, uid=pkt.uid
+        )
+    except Exception as exc:
+        from .kernel.errors import KernelError
+
+        if not isinstance(exc, KernelError):
+            raise
+        print(f"route:   the kernel finds no route: {exc}")
+        return EXIT_OK
+    names = {link.index: link.name for link in observed.links}
+    table = {254: "main", 255: "local", 253: "default"}.get(route["table"], str(route["table"]))
+    text = f"{pkt.daddr}"
+    if route["type"] != 1:
+        text = f"{'unreachable' if route['type'] == 7 else 'type ' + str(route['type'])} {pkt.daddr}"
+    if route["gateway"]:
+        text += f" via {route['gateway']}"
+    if route["oif"]:
+        text += f" dev {names.get(route['oif'], route['oif'])}"
+    text += f" table {table}"
+    if route["prefsrc"]:
+        text += f" src {route['prefsrc']}"
+    print(f"route:   {text}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import run
+
+    return run(args.config, log_mode=args.log)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    default = os.environ.get("MARKROUTED_CONFIG", DEFAULT_CONFIG)
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("-c", "--config", default=default, help=f"config file (default {DEFAULT_CONFIG})")
+    # in each command too, so "-c" may come before or after it; SUPPRESS keeps a
+    # value given before the command from being reset to the default
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=f"config file (default {DEFAULT_CONFIG})")
+    p = argparse.ArgumentParser(
+        prog="markrouted",
+        description="fwmark policy routing: per-uplink tables, ip rules and one nftables table, kept true "
+                    "while the network changes.",
+        epilog="exit codes: 0 ok, 1 error or invalid config, 3 changes pending (plan)",
+        parents=[top],
+    )
+    p.add_argument("--version", action="version", version=f"markrouted {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check", parents=[common], help="validate the config (--kernel: and the running kernel)")
+    s.add_argument("--kernel", action="store_true",
+                   help="also check nf_tables, foreign users of mark_mask, table ids and rule priorities")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("plan", parents=[common], help="print what apply would change; exit 3 if anything")
+    s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("apply", parents=[common], help="reconcile once and exit")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    s.set_defaults(func=cmd_apply)
+
+    s = sub.add_parser("status", parents=[common], help="uplinks, policies and whether the kernel is in sync")
+    s.add_argument("--json", action="store_true", help="one JSON object, for machines")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("explain", parents=[common], help="which policy, mark, table and route a packet gets")
+    s.add_argument("--daddr", required=True, help="destination address")
+    s.add_argument("--proto", help="tcp, udp, icmp, icmpv6, sctp or a number")
+    s.add_argument("--dport", type=int)
+    s.add_argument("--sport", type=int)
+    s.add_argument("--saddr", help="source address (required by the kernel with --iif)")
+    s.add_argument("--iif", help="the interface a forwarded packet comes in on (omit: generated here)")
+    s.add_argument("--uid", type=int, help="owner of the local socket")
+    s.add_argument("--gid", type=int, help="group of the local socket")
+    s.add_argument("--cgroup", help="cgroup v2 path of the local socket")
+    s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("flush", parents=[common], help="remove everything markrouted owns, nothing else")
+    s.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    s.set_defaults(func=cmd_flush)
+
+    s = sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
+    s.add_argument("--log", choices=["auto", "journal", "console"], default="auto",
+                   help="where logs go (auto: the journal under systemd, else the terminal)")
+    s.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .kernel.errors import KernelError
+
+    try:
+        rc: int = args.func(args)
+        return rc
+    except Fatal as exc:
+        print(f"markrouted: {exc}", file=sys.stderr)
+    except KernelError as exc:
+        print(f"markrouted: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1148 @@
+"""The configuration contract: TOML text in, validated immutable values out.
+
+This module is pure on purpose. Every command (``run``, ``check``, ``plan``, ``apply``,
+``status``, ``explain``, ``flush``) and the daemon's reload path must agree on what a config
+file means, and an invalid file must be refused before anything touches the kernel. With no
+logging and no side effects (only :func:`load` reads one file) validation is deterministic,
+cheap enough to run on every reload, and testable from strings alone.
+
+Validation collects every problem before raising, one line per problem naming the key path
+(``uplinks.wan2.mark: ...``, ``policy[1] (ssh).uplinks[0]: ...``), so that an administrator
+fixes a broken file in one pass instead of one error per restart. Unknown keys are errors:
+a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any, Final, TypeAlias
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Check",
+    "Config",
+    "ConfigError",
+    "Gateway",
+    "IdRange",
+    "IPAddress",
+    "IPNetwork",
+    "Policy",
+    "PortRange",
+    "Settings",
+    "Uplink",
+    "from_dict",
+    "load",
+    "parse",
+    "parse_duration",
+]
+
+DEFAULT_PATH: Final = "/etc/markrouted.toml"
+
+IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+PortRange: TypeAlias = tuple[int, int]
+"""Inclusive ``(lo, hi)``; a single port ``p`` is ``(p, p)``."""
+IdRange: TypeAlias = tuple[int, int]
+"""Inclusive ``(lo, hi)`` of uids or gids."""
+
+
+class ConfigError(Exception):
+    """An invalid configuration, with every problem found (not only the first).
+
+    ``errors`` holds one line per problem, in file order; ``str(exc)`` is those lines
+    joined by newlines, ready for stderr, the journal and ``STATUS=``.
+    """
+
+    errors: tuple[str, ...]
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = tuple(errors)
+        # The tuple as the single argument keeps the exception picklable.
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        return "\n".join(self.errors)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``[settings]`` table: which fwmark bits and rule priorities markrouted owns."""
+
+    mark_mask: int = 0x00FF0000
+    rule_priority: int = 10000
+    resync: float = 30.0
+    """Seconds between full re-reads of the kernel."""
+    keep_main_routes: bool = True
+    on_stop: str = "flush"
+    """``"flush"`` or ``"keep"``."""
+
+    @property
+    def shift(self) -> int:
+        """Index of the lowest bit of ``mark_mask``: where uplink marks start."""
+        return (self.mark_mask & -self.mark_mask).bit_length() - 1
+
+    @property
+    def mark_max(self) -> int:
+        """The largest uplink mark that fits in ``mark_mask``."""
+        return self.mark_mask >> self.shift
+
+    def mark_value(self, mark: int) -> int:
+        """The fwmark bits for an uplink's ``mark`` (its value inside the mask)."""
+        if not 0 <= mark <= self.mark_max:
+            raise ValueError(f"mark {mark} does not fit in mark_mask 0x{self.mark_mask:08x}")
+        return mark << self.shift
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """An uplink's next hop for one address family.
+
+    ``kind`` is ``"auto"`` (learnt from the main table's default route on the uplink's
+    interface), ``"none"`` (point-to-point for IPv4; IPv6 disabled for ``gateway6``) or
+    ``"address"`` with ``address`` set.
+    """
+
+    kind: str
+    address: IPAddress | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    """An uplink's health check; durations are in seconds."""
+
+    targets: tuple[IPAddress, ...]
+    method: str = "icmp"
+    """``"icmp"`` or ``"tcp"`` (then ``port`` is set)."""
+    port: int | None = None
+    interval: float = 1.0
+    timeout: float = 1.0
+    down_after: int = 3
+    up_after: int = 3
+
+
+@dataclass(frozen=True)
+class Uplink:
+    """One ``[uplinks.NAME]`` table."""
+
+    name: str
+    interface: str
+    table: int
+    mark: int
+    """The value inside ``mark_mask`` (1 .. mark_max), not shifted: see Settings.mark_value."""
+    gateway: Gateway = Gateway("auto")
+    gateway6: Gateway = Gateway("auto")
+    masquerade: bool = True
+    check: Check | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One ``[[policy]]``: given matchers are ANDed, the items of each list ORed.
+
+    An empty tuple or ``None`` means the matcher was not given (matches anything).
+    """
+
+    index: int
+    """Position in the file, 0-based; policies match in this order."""
+    name: str
+    proto: int | None = None
+    """IP protocol number."""
+    dport: tuple[PortRange, ...] = ()
+    sport: tuple[PortRange, ...] = ()
+    daddr: tuple[IPNetwork, ...] = ()
+    saddr: tuple[IPNetwork, ...] = ()
+    iif: str | None = None
+    uid: tuple[IdRange, ...] = ()
+    gid: tuple[IdRange, ...] = ()
+    cgroup: str | None = None
+    """cgroup v2 path relative to the root, without leading or trailing '/'."""
+    family: str = "any"
+    """``"ipv4"``, ``"ipv6"`` or ``"any"``."""
+    uplinks: tuple[str, ...] = ()
+    """Failover order; empty when ``balance`` is used."""
+    balance: tuple[tuple[str, int], ...] = ()
+    """``(uplink, weight)`` in the order written; empty when ``uplinks`` is used."""
+    fallback: str = "main"
+    """``"main"`` or ``"drop"``."""
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The address families (``socket.AF_INET``/``AF_INET6``) this policy can match.
+
+        Narrowed by ``family``, by ``proto`` icmp (IPv4 only) or icmpv6 (IPv6 only) and by
+        the address families present in ``daddr`` and in ``saddr``.
+        """
+        allowed = {4, 6}
+        for _, versions in _family_constraints(self.family, self.proto, self.daddr, self.saddr):
+            allowed &= versions
+        return tuple(af for version, af in ((4, socket.AF_INET), (6, socket.AF_INET6)) if version in allowed)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration."""
+
+    settings: Settings = Settings()
+    uplinks: tuple[Uplink, ...] = ()
+    """In file order."""
+    policies: tuple[Policy, ...] = ()
+    """In file order, which is match order."""
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    """Valid but probably not what was meant; ``check`` prints them."""
+
+    def uplink(self, name: str) -> Uplink:
+        """The uplink called ``name``; KeyError if there is none."""
+        for uplink in self.uplinks:
+            if uplink.name == name:
+                return uplink
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse(text: str) -> Config:
+    """Parse and validate TOML text; raises ConfigError."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"toml: {exc}"]) from None
+    return from_dict(data)
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate the config file at ``path``; raises ConfigError."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError([f"{os.fspath(path)}: {exc.strerror or exc}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"toml: invalid UTF-8 at byte {exc.start}"]) from None
+    return parse(text)
+
+
+def from_dict(data: Mapping[str, Any]) -> Config:
+    """Validate already-decoded TOML data; raises ConfigError listing every problem."""
+    errors = _Errors()
+    if not isinstance(data, Mapping):
+        errors.add("config", _type_error("a table", data))
+        raise ConfigError(errors.lines)
+    for key in data:
+        if key not in ("settings", "uplinks", "policy"):
+            errors.add(_key(key), "unknown key")
+    settings, mask_ok = _parse_settings(data.get("settings", {}), errors)
+    uplinks, uplink_names = _parse_uplinks(data.get("uplinks", {}), settings, mask_ok, errors)
+    policies = _parse_policies(data.get("policy", []), uplink_names, errors)
+    if errors.lines:
+        raise ConfigError(errors.lines)
+    return Config(settings=settings, uplinks=uplinks, policies=policies, warnings=tuple(errors.warnings))
+
+
+_DURATION_RE: Final = re.compile(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(ms|s|m|h)")
+_DURATION_UNITS: Final = MappingProxyType(
+    {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
+)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration such as ``"250ms"``, ``"1.5s"``, ``"1m"``, ``"1h"``.
+
+    A unit is required: a bare number is ambiguous. Raises ValueError with a message that
+    can follow a key path.
+    """
+    match = _DURATION_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f'expected a duration with a unit such as "2s", got {_q(text)}')
+    # Decimal keeps "250ms" exactly 0.25 rather than 250 * 0.001.
+    seconds = float(Decimal(match[1]) * _DURATION_UNITS[match[2]])
+    if not seconds > 0:
+        raise ValueError(f"{text} must be greater than 0")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{text} is too long")
+    return seconds
+
+
+# --------------------------------------------------------------------------- constants
+
+_UPLINK_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_POLICY_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_RANGE_RE: Final = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+_TCP_METHOD_RE: Final = re.compile(r"tcp:([0-9]+)")
+
+_IFNAMSIZ: Final = 16
+_U32_MAX: Final = 0xFFFFFFFF
+_RULE_SPAN: Final = 1000
+_KERNEL_RULES: Final = (32766, 32767)  # main and default
+_RESERVED_TABLES: Final = MappingProxyType({0: "unspec", 253: "default", 254: "main", 255: "local"})
+_ID_MAX: Final = 0xFFFFFFFE  # (uid_t)-1 means "no id"
+_WEIGHT_MAX: Final = 1000
+
+_PROTOCOLS: Final = MappingProxyType(
+    {
+        "tcp": 6,
+        "udp": 17,
+        "icmp": 1,
+        "icmpv6": 58,
+        "sctp": 132,
+        "udplite": 136,
+        "gre": 47,
+        "esp": 50,
+        "ah": 51,
+    }
+)
+_PROTOCOL_NAMES: Final = MappingProxyType({number: name for name, number in _PROTOCOLS.items()})
+_PORT_PROTOCOLS: Final = frozenset({6, 17, 132, 136})
+_PROTOCOL_FAMILY: Final = MappingProxyType({1: 4, 58: 6})  # icmp, icmpv6
+
+_SETTINGS_DEFAULTS: Final = Settings()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Errors:
+    """Collects error lines in the order they are found."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.warnings: list[str] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.lines.append(f"{path}: {message}")
+
+    def warn(self, path: str, message: str) -> None:
+        self.warnings.append(f"{path}: {message}")
+
+
+def _q(text: str) -> str:
+    """A string quoted for a message, escaping what would otherwise be invisible."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _key(name: str) -> str:
+    """A table key as it appears in a key path, quoted when it is not a bare TOML key."""
+    return name if _BARE_KEY_RE.fullmatch(name) else _q(name)
+
+
+def _type_name(value: object) -> str:
+    """The TOML name of a decoded value's type."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    if isinstance(value, datetime.datetime):
+        return "datetime"
+    if isinstance(value, datetime.date):
+        return "date"
+    if isinstance(value, datetime.time):
+        return "time"
+    return type(value).__name__
+
+
+def _type_error(expected: str, value: object) -> str:
+    return f"expected {expected}, got {_type_name(value)}"
+
+
+def _is_int(value: object) -> bool:
+    """True for integers; TOML booleans are not numbers."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_array(value: object) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _int(value: object, path: str, errors: _Errors) -> int | None:
+    if _is_int(value):
+        assert isinstance(value, int)
+        return value
+    errors.add(path, _type_error("an integer", value))
+    return None
+
+
+def _str(value: object, path: str, errors: _Errors) -> str | None:
+    if isinstance(value, str):
+        return value
+    errors.add(path, _type_error("a string", value))
+    return None
+
+
+def _bool(value: object, path: str, errors: _Errors) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    errors.add(path, _type_error("a boolean", value))
+    return None
+
+
+def _table(value: object, path: str, errors: _Errors) -> Mapping[str, Any] | None:
+    if isinstance(value, Mapping):
+        return value
+    errors.add(path, _type_error("a table", value))
+    return None
+
+
+def _array(value: object, path: str, errors: _Errors) -> Sequence[Any] | None:
+    if not _is_array(value):
+        errors.add(path, _type_error("an array", value))
+        return None
+    assert isinstance(value, (list, tuple))
+    if not value:
+        errors.add(path, "must not be empty")
+        return None
+    return value
+
+
+def _items(value: object, path: str, errors: _Errors) -> list[tuple[str, Any]] | None:
+    """The items of a list-valued matcher with their key paths.
+
+    A single item stands for a one-element list, so ``dport = 22`` means ``[22]``.
+    """
+    if not _is_array(value):
+        return [(path, value)]
+    assert isinstance(value, (list, tuple))
+    if not value:
+        errors.add(path, "must not be empty")
+        return None
+    return [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _int_in(value: object, path: str, lo: int, hi: int, errors: _Errors) -> int | None:
+    number = _int(value, path, errors)
+    if number is None:
+        return None
+    if not lo <= number <= hi:
+        errors.add(path, f"{number} is out of range {lo}-{hi}")
+        return None
+    return number
+
+
+def _at_least(value: object, path: str, lo: int, errors: _Errors) -> int | None:
+    number = _int(value, path, errors)
+    if number is None:
+        return None
+    if number < lo:
+        errors.add(path, f"{number} is less than {lo}")
+        return None
+    return number
+
+
+def _choice(value: object, path: str, choices: tuple[str, ...], errors: _Errors) -> str | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    if text not in choices:
+        wanted = ", ".join(_q(c) for c in choices[:-1]) + f" or {_q(choices[-1])}"
+        errors.add(path, f"expected {wanted}, got {_q(text)}")
+        return None
+    return text
+
+
+def _duration(value: object, path: str, errors: _Errors) -> tuple[float, str] | None:
+    """Seconds and the text as written (messages quote durations as the user wrote them)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value), value
+        except ValueError as exc:
+            errors.add(path, str(exc))
+            return None
+    shown = str(value) if _is_int(value) or isinstance(value, float) else _type_name(value)
+    errors.add(path, f'expected a duration with a unit such as "2s", got {shown}')
+    return None
+
+
+def _ifname_problem(name: str) -> str | None:
+    """Why the kernel would refuse ``name`` as a network interface name (dev_valid_name)."""
+    if not name:
+        return "empty"
+    if len(name.encode()) >= _IFNAMSIZ:
+        return f"longer than {_IFNAMSIZ - 1} bytes"
+    if name in (".", ".."):
+        return "'.' and '..' are not allowed"
+    if "/" in name:
+        return "contains '/'"
+    if ":" in name:
+        return "contains ':'"
+    if any(c.isspace() for c in name):
+        return "contains whitespace"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "contains a control character"
+    return None
+
+
+def _ifname(value: object, path: str, errors: _Errors) -> str | None:
+    name = _str(value, path, errors)
+    if name is None:
+        return None
+    problem = _ifname_problem(name)
+    if problem is not None:
+        errors.add(path, f"{_q(name)} is not a valid interface name ({problem})")
+        return None
+    return name
+
+
+def _address(value: object, path: str, errors: _Errors) -> IPAddress | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        errors.add(path, f"{_q(text)} is not an IP address")
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        errors.add(path, f"{_q(text)} has a zone index; leave it out, the uplink's interface is used")
+        return None
+    return address
+
+
+def _network(value: object, path: str, errors: _Errors) -> IPNetwork | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    try:
+        network = ipaddress.ip_network(text)
+    except ValueError:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            errors.add(path, f"{_q(text)} is not an IP address or CIDR")
+        else:
+            errors.add(path, f"{text} has host bits set")
+        return None
+    if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id is not None:
+        errors.add(path, f"{_q(text)} has a zone index, which cannot be matched")
+        return None
+    return network
+
+
+def _range(value: object, path: str, lo: int, hi: int, what: str, errors: _Errors) -> tuple[int, int] | None:
+    """An inclusive range from an integer or a ``"lo-hi"`` (or ``"n"``) string."""
+    if _is_int(value):
+        assert isinstance(value, int)
+        first = last = value
+    elif isinstance(value, str):
+        match = _RANGE_RE.fullmatch(value)
+        if match is None:
+            errors.add(path, f'{_q(value)} is not {what} or a range "lo-hi"')
+            return None
+        first = int(match[1])
+        last = int(match[2]) if match[2] is not None else first
+    else:
+        errors.add(path, _type_error('an integer or a "lo-hi" string', value))
+        return None
+    bad = [n for n in (first, last) if not lo <= n <= hi]
+    if bad:
+        errors.add(path, f"{bad[0]} is out of range {lo}-{hi}")
+        return None
+    if first > last:
+        errors.add(path, f"range {first}-{last} is reversed")
+        return None
+    return (first, last)
+
+
+def _unknown(path: str, errors: _Errors) -> None:
+    errors.add(path, "unknown key")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def _parse_settings(data: object, errors: _Errors) -> tuple[Settings, bool]:
+    """The settings, and whether mark_mask is valid (uplink marks are checked against it)."""
+    defaults = _SETTINGS_DEFAULTS
+    table = _table(data, "settings", errors)
+    if table is None:
+        return defaults, False
+    mark_mask = defaults.mark_mask
+    rule_priority = defaults.rule_priority
+    resync = defaults.resync
+    keep_main_routes = defaults.keep_main_routes
+    on_stop = defaults.on_stop
+    mask_ok = True
+    for key, value in table.items():
+        path = f"settings.{_key(key)}"
+        match key:
+            case "mark_mask":
+                mask = _mark_mask(value, path, errors)
+                mask_ok = mask is not None
+                if mask is not None:
+                    mark_mask = mask
+            case "rule_priority":
+                priority = _rule_priority(value, path, errors)
+                if priority is not None:
+                    rule_priority = priority
+            case "resync":
+                duration = _duration(value, path, errors)
+                if duration is not None:
+                    resync = duration[0]
+            case "keep_main_routes":
+                flag = _bool(value, path, errors)
+                if flag is not None:
+                    keep_main_routes = flag
+            case "on_stop":
+                choice = _choice(value, path, ("flush", "keep"), errors)
+                if choice is not None:
+                    on_stop = choice
+            case _:
+                _unknown(path, errors)
+    settings = Settings(
+        mark_mask=mark_mask,
+        rule_priority=rule_priority,
+        resync=resync,
+        keep_main_routes=keep_main_routes,
+        on_stop=on_stop,
+    )
+    return settings, mask_ok
+
+
+def _mark_mask(value: object, path: str, errors: _Errors) -> int | None:
+    mask = _int(value, path, errors)
+    if mask is None:
+        return None
+    if mask == 0:
+        errors.add(path, "0x00000000 has no bits set")
+        return None
+    if not 0 < mask <= _U32_MAX:
+        errors.add(path, f"{mask:#x} does not fit in 32 bits")
+        return None
+    low = mask & -mask
+    if (mask + low) & mask:
+        # Adding the lowest set bit carries through a contiguous run and clears it.
+        errors.add(path, f"0x{mask:08x} is not contiguous")
+        return None
+    return mask
+
+
+def _rule_priority(value: object, path: str, errors: _Errors) -> int | None:
+    first = _int(value, path, errors)
+    if first is None:
+        return None
+    last = first + _RULE_SPAN - 1
+    if first < 0 or last > _U32_MAX:
+        errors.add(path, f"{first} is out of range 1-{_U32_MAX - _RULE_SPAN + 1}")
+        return None
+    if first == 0:
+        errors.add(path, f"range {first}-{last} overlaps the kernel's rule at 0")
+        return None
+    low, high = _KERNEL_RULES
+    if first <= high and last >= low:
+        errors.add(path, f"range {first}-{last} overlaps the kernel's rules at {low}-{high}")
+        return None
+    return first
+
+
+# --------------------------------------------------------------------------- uplinks
+
+
+@dataclass
+class _Used:
+    """Marks, tables and interfaces already taken, each by the first uplink's name."""
+
+    marks: dict[int, str]
+    tables: dict[int, str]
+    interfaces: dict[str, str]
+
+
+def _parse_uplinks(
+    data: object, settings: Settings, mask_ok: bool, errors: _Errors
+) -> tuple[tuple[Uplink, ...], frozenset[str]]:
+    """Valid uplinks in file order, and every uplink name written (valid or not).
+
+    Policies are checked against all names written, so that one broken uplink does not
+    also produce an "unknown uplink" error in every policy that names it.
+    """
+    table = _table(data, "uplinks", errors)
+    if table is None:
+        return (), frozenset()
+    used = _Used(marks={}, tables={}, interfaces={})
+    uplinks: list[Uplink] = []
+    for name, body in table.items():
+        uplink = _parse_uplink(name, body, settings, mask_ok, used, errors)
+        if uplink is not None:
+            uplinks.append(uplink)
+    return tuple(uplinks), frozenset(table)
+
+
+def _parse_uplink(
+    name: str, data: object, settings: Settings, mask_ok: bool, used: _Used, errors: _Errors
+) -> Uplink | None:
+    prefix = f"uplinks.{_key(name)}"
+    before = len(errors.lines)
+    table = _table(data, prefix, errors)
+    if table is None:
+        return None
+    if not _UPLINK_NAME_RE.fullmatch(name):
+        errors.add(prefix, f"{_q(name)} is not a valid uplink name (1-32 letters, digits, '_' or '-')")
+    interface: str | None = None
+    table_id: int | None = None
+    mark: int | None = None
+    gateway = Gateway("auto")
+    gateway6 = Gateway("auto")
+    masquerade = True
+    check: Check | None = None
+    check_data: object = None
+    for key, value in table.items():
+        path = f"{prefix}.{_key(key)}"
+        match key:
+            case "interface":
+                interface = _ifname(value, path, errors)
+                if interface is not None:
+                    _claim(used.interfaces, interface, _q(interface), name, path, errors)
+            case "table":
+                table_id = _table_id(value, path, errors)
+                if table_id is not None:
+                    _claim(used.tables, table_id, str(table_id), name, path, errors)
+            case "mark":
+                mark = _mark(value, path, settings, mask_ok, errors)
+                if mark is not None:
+                    _claim(used.marks, mark, str(mark), name, path, errors)
+            case "gateway":
+                gateway = _gateway(value, path, 4, errors) or gateway
+            case "gateway6":
+                gateway6 = _gateway(value, path, 6, errors) or gateway6
+            case "masquerade":
+                flag = _bool(value, path, errors)
+                if flag is not None:
+                    masquerade = flag
+            case "check":
+                check_data = value
+            case _:
+                _unknown(path, errors)
+    if "check" in table:
+        check = _parse_check(check_data, f"{prefix}.check", errors)
+    for key in ("interface", "table", "mark"):
+        if key not in table:
+            errors.add(f"{prefix}.{key}", "required")
+    if check is not None and gateway6.kind == "none":
+        for i, target in enumerate(check.targets):
+            if target.version == 6:
+                errors.add(f"{prefix}.check.targets[{i}]", f'{target} is IPv6 but gateway6 is "none"')
+    if len(errors.lines) != before or interface is None or table_id is None or mark is None:
+        return None
+    return Uplink(
+        name=name,
+        interface=interface,
+        table=table_id,
+        mark=mark,
+        gateway=gateway,
+        gateway6=gateway6,
+        masquerade=masquerade,
+        check=check,
+    )
+
+
+def _claim(owners: dict[Any, str], value: object, shown: str, name: str, path: str, errors: _Errors) -> None:
+    """Record that uplink ``name`` uses ``value``, or report the uplink that already does."""
+    first = owners.setdefault(value, name)
+    if first != name:
+        errors.add(path, f"{shown} already used by uplinks.{_key(first)}")
+
+
+def _table_id(value: object, path: str, errors: _Errors) -> int | None:
+    number = _int(value, path, errors)
+    if number is None:
+        return None
+    if number in _RESERVED_TABLES:
+        errors.add(path, f"{number} is a reserved table ({_RESERVED_TABLES[number]})")
+        return None
+    if not 1 <= number <= _U32_MAX:
+        errors.add(path, f"{number} is out of range 1-{_U32_MAX}")
+        return None
+    return number
+
+
+def _mark(value: object, path: str, settings: Settings, mask_ok: bool, errors: _Errors) -> int | None:
+    mark = _int(value, path, errors)
+    if mark is None:
+        return None
+    if mark < 0:
+        errors.add(path, f"{mark} is negative")
+        return None
+    if mark == 0:
+        errors.add(path, "mark 0 means unmarked")
+        return None
+    if mask_ok and mark > settings.mark_max:
+        errors.add(
+            path, f"{mark} does not fit in mark_mask 0x{settings.mark_mask:08x} (max {settings.mark_max})"
+        )
+        return None
+    return mark
+
+
+def _gateway(value: object, path: str, version: int, errors: _Errors) -> Gateway | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    if text in ("auto", "none"):
+        return Gateway(text)
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        errors.add(path, f'expected "auto", "none" or an IPv{version} address, got {_q(text)}')
+        return None
+    if address.version != version:
+        other = "gateway" if address.version == 4 else "gateway6"
+        errors.add(path, f"{text} is an IPv{address.version} address, it belongs in {other}")
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        errors.add(path, f"{_q(text)} has a zone index; leave it out, the uplink's interface is used")
+        return None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        errors.add(path, f"{text} cannot be a gateway")
+        return None
+    return Gateway("address", address)
+
+
+def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
+    before = len(errors.lines)
+    table = _table(data, prefix, errors)
+    if table is None:
+        return None
+    targets: list[IPAddress] = []
+    method = "icmp"
+    port: int | None = None
+    interval, interval_text = 1.0, "1s"
+    timeout: tuple[float, str] | None = (1.0, "1s")
+    interval_ok = True
+    down_after = 3
+    up_after = 3
+    for key, value in table.items():
+        path = f"{prefix}.{_key(key)}"
+        match key:
+            case "targets":
+                targets = _targets(value, path, errors)
+            case "method":
+                parsed_method = _method(value, path, errors)
+                if parsed_method is not None:
+                    method, port = parsed_method
+            case "interval":
+                duration = _duration(value, path, errors)
+                interval_ok = duration is not None
+                if duration is not None:
+                    interval, interval_text = duration
+            case "timeout":
+                timeout = _duration(value, path, errors)
+            case "down_after":
+                down_after = _at_least(value, path, 1, errors) or down_after
+            case "up_after":
+                up_after = _at_least(value, path, 1, errors) or up_after
+            case _:
+                _unknown(path, errors)
+    if "targets" not in table:
+        errors.add(f"{prefix}.targets", "required")
+    if timeout is not None and interval_ok and timeout[0] > interval:
+        errors.add(f"{prefix}.timeout", f"{timeout[1]} is longer than interval {interval_text}")
+    if len(errors.lines) != before or timeout is None:
+        return None
+    return Check(
+        targets=tuple(targets),
+        method=method,
+        port=port,
+        interval=interval,
+        timeout=timeout[0],
+        down_after=down_after,
+        up_after=up_after,
+    )
+
+
+def _targets(value: object, path: str, errors: _Errors) -> list[IPAddress]:
+    items = _array(value, path, errors)
+    targets: list[IPAddress] = []
+    seen: dict[IPAddress, int] = {}
+    for i, item in enumerate(items or ()):
+        address = _address(item, f"{path}[{i}]", errors)
+        if address is None:
+            continue
+        if address in seen:
+            errors.add(f"{path}[{i}]", f"{address} is already listed at targets[{seen[address]}]")
+            continue
+        seen[address] = i
+        targets.append(address)
+    return targets
+
+
+def _method(value: object, path: str, errors: _Errors) -> tuple[str, int | None] | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    if text == "icmp":
+        return "icmp", None
+    match = _TCP_METHOD_RE.fullmatch(text)
+    if match is None:
+        errors.add(path, f'expected "icmp" or "tcp:PORT", got {_q(text)}')
+        return None
+    port = int(match[1])
+    if not 1 <= port <= 65535:
+        errors.add(path, f"port {port} is out of range 1-65535")
+        return None
+    return "tcp", port
+
+
+# --------------------------------------------------------------------------- policies
+
+
+def _parse_policies(data: object, uplink_names: frozenset[str], errors: _Errors) -> tuple[Policy, ...]:
+    if not _is_array(data):
+        errors.add("policy", _type_error("an array of tables ([[policy]])", data))
+        return ()
+    assert isinstance(data, (list, tuple))
+    policies: list[Policy] = []
+    names: dict[str, int] = {}
+    for index, body in enumerate(data):
+        policy = _parse_policy(index, body, uplink_names, names, errors)
+        if policy is not None:
+            policies.append(policy)
+    return tuple(policies)
+
+
+def _policy_name(index: int, table: Mapping[str, Any], names: dict[str, int], errors: _Errors) -> str:
+    """The policy's key-path prefix, ``policy[I] (NAME)`` or ``policy[I]`` without a valid name."""
+    prefix = f"policy[{index}]"
+    if "name" not in table:
+        errors.add(f"{prefix}.name", "required")
+        return prefix
+    name = _str(table["name"], f"{prefix}.name", errors)
+    if name is None:
+        return prefix
+    if not _POLICY_NAME_RE.fullmatch(name):
+        errors.add(
+            f"{prefix}.name",
+            f"{_q(name)} is not a valid policy name (1-64 letters, digits, '_', '.', ':' or '-')",
+        )
+        return prefix
+    prefix = f"{prefix} ({name})"
+    first = names.setdefault(name, index)
+    if first != index:
+        errors.add(f"{prefix}.name", f"duplicate of policy[{first}]")
+    return prefix
+
+
+def _parse_policy(
+    index: int, data: object, uplink_names: frozenset[str], names: dict[str, int], errors: _Errors
+) -> Policy | None:
+    before = len(errors.lines)
+    table = _table(data, f"policy[{index}]", errors)
+    if table is None:
+        return None
+    prefix = _policy_name(index, table, names, errors)
+    proto: int | None = None
+    ports: dict[str, tuple[PortRange, ...]] = {"dport": (), "sport": ()}
+    addresses: dict[str, tuple[IPNetwork, ...]] = {"daddr": (), "saddr": ()}
+    ids: dict[str, tuple[IdRange, ...]] = {"uid": (), "gid": ()}
+    iif: str | None = None
+    cgroup: str | None = None
+    family = "any"
+    uplinks: tuple[str, ...] = ()
+    balance: tuple[tuple[str, int], ...] = ()
+    fallback = "main"
+    for key, value in table.items():
+        path = f"{prefix}.{_key(key)}"
+        match key:
+            case "name":
+                pass
+            case "proto":
+                proto = _proto(value, path, errors)
+            case "dport" | "sport":
+                ports[key] = _ranges(value, path, 1, 65535, "a port", errors)
+            case "daddr" | "saddr":
+                addresses[key] = _networks(value, path, errors)
+            case "iif":
+                iif = _ifname(value, path, errors)
+            case "uid" | "gid":
+                ids[key] = _ranges(value, path, 0, _ID_MAX, f"a {key}", errors)
+            case "cgroup":
+                cgroup = _cgroup(value, path, errors)
+            case "family":
+                family = _choice(value, path, ("ipv4", "ipv6", "any"), errors) or family
+            case "uplinks":
+                uplinks = _policy_uplinks(value, path, uplink_names, errors)
+            case "balance":
+                balance = _balance(value, path, uplink_names, errors)
+            case "fallback":
+                fallback = _choice(value, path, ("main", "drop"), errors) or fallback
+            case _:
+                _unknown(path, errors)
+
+    if proto is not None and proto not in _PORT_PROTOCOLS:
+        for key in ("dport", "sport"):
+            if key in table:
+                errors.add(
+                    f"{prefix}.{key}",
+                    f"ports need proto tcp, udp, sctp or udplite, not {_proto_label(proto)}",
+                )
+    constraints = _family_constraints(family, proto, addresses["daddr"], addresses["saddr"])
+    allowed = {4, 6}
+    for i, (description, versions) in enumerate(constraints):
+        if not allowed & versions:
+            earlier = next(d for d, v in constraints[:i] if not v & versions)
+            errors.add(prefix, f"{earlier} but {description}")
+            break
+        allowed &= versions
+    if iif is not None and (ids["uid"] or ids["gid"] or cgroup is not None):
+        # valid (SPEC's own example shows every key in one policy), but worth saying
+        errors.warn(
+            prefix,
+            "iif matches forwarded traffic, uid/gid/cgroup only local sockets; no packet can match both",
+        )
+    if "uplinks" in table and "balance" in table:
+        errors.add(prefix, "give either uplinks or balance, not both")
+    elif "uplinks" not in table and "balance" not in table:
+        errors.add(prefix, "one of uplinks or balance is required")
+
+    if len(errors.lines) != before:
+        return None
+    return Policy(
+        index=index,
+        name=str(table["name"]),
+        proto=proto,
+        dport=ports["dport"],
+        sport=ports["sport"],
+        daddr=addresses["daddr"],
+        saddr=addresses["saddr"],
+        iif=iif,
+        uid=ids["uid"],
+        gid=ids["gid"],
+        cgroup=cgroup,
+        family=family,
+        uplinks=uplinks,
+        balance=balance,
+        fallback=fallback,
+    )
+
+
+def _family_constraints(
+    family: str, proto: int | None, daddr: Sequence[IPNetwork], saddr: Sequence[IPNetwork]
+) -> list[tuple[str, frozenset[int]]]:
+    """What narrows a policy's IP versions, each with how a message describes it."""
+    constraints: list[tuple[str, frozenset[int]]] = []
+    if family in ("ipv4", "ipv6"):
+        constraints.append((f"family is {family}", frozenset({4 if family == "ipv4" else 6})))
+    if proto is not None and proto in _PROTOCOL_FAMILY:
+        version = _PROTOCOL_FAMILY[proto]
+        constraints.append((f"proto {_proto_label(proto)} is IPv{version} only", frozenset({version})))
+    for key, networks in (("daddr", daddr), ("saddr", saddr)):
+        versions = frozenset(n.version for n in networks)
+        if len(versions) == 1:
+            (version,) = versions
+            constraints.append((f"{key} has only IPv{version} networks", versions))
+    return constraints
+
+
+def _proto_label(proto: int) -> str:
+    return _PROTOCOL_NAMES.get(proto, str(proto))
+
+
+def _proto(value: object, path: str, errors: _Errors) -> int | None:
+    if isinstance(value, str):
+        if value in _PROTOCOLS:
+            return _PROTOCOLS[value]
+        known = ", ".join(_PROTOCOLS)
+        errors.add(path, f"unknown protocol {_q(value)} (known: {known}; or a number 0-255)")
+        return None
+    if _is_int(value):
+        return _int_in(value, path, 0, 255, errors)
+    errors.add(path, _type_error("a protocol name or number", value))
+    return None
+
+
+def _ranges(
+    value: object, path: str, lo: int, hi: int, what: str, errors: _Errors
+) -> tuple[tuple[int, int], ...]:
+    ranges: list[tuple[int, int]] = []
+    for item_path, item in _items(value, path, errors) or ():
+        parsed = _range(item, item_path, lo, hi, what, errors)
+        if parsed is not None:
+            ranges.append(parsed)
+    return tuple(ranges)
+
+
+def _networks(value: object, path: str, errors: _Errors) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for item_path, item in _items(value, path, errors) or ():
+        network = _network(item, item_path, errors)
+        if network is not None:
+            networks.append(network)
+    return tuple(networks)
+
+
+def _cgroup(value: object, path: str, errors: _Errors) -> str | None:
+    """A cgroup v2 path relative to the root; a leading or trailing '/' is dropped."""
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    stripped = text.strip("/")
+    if not stripped:
+        errors.add(path, "must not be empty")
+        return None
+    if any(part in ("", ".", "..") for part in stripped.split("/")):
+        errors.add(path, f"{_q(text)} is not a normalized cgroup path")
+        return None
+    return stripped
+
+
+def _policy_uplinks(
+    value: object, path: str, uplink_names: frozenset[str], errors: _Errors
+) -> tuple[str, ...]:
+    items = _array(value, path, errors)
+    names: list[str] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(items or ()):
+        item_path = f"{path}[{i}]"
+        name = _str(item, item_path, errors)
+        if name is None:
+            continue
+        if name not in uplink_names:
+            errors.add(item_path, f"unknown uplink {_q(name)}")
+        elif name in seen:
+            errors.add(item_path, f"{_q(name)} is already listed at uplinks[{seen[name]}]")
+        else:
+            seen[name] = i
+            names.append(name)
+    return tuple(names)
+
+
+def _balance(
+    value: object, path: str, uplink_names: frozenset[str], errors: _Errors
+) -> tuple[tuple[str, int], ...]:
+    table = _table(value, path, errors)
+    if table is None:
+        return ()
+    if not table:
+        errors.add(path, "must not be empty")
+        return ()
+    weights: list[tuple[str, int]] = []
+    for name, weight in table.items():
+        item_path = f"{path}.{_key(name)}"
+        if name not in uplink_names:
+            errors.add(item_path, f"unknown uplink {_q(name)}")
+            continue
+        number = _int_in(weight, item_path, 1, _WEIGHT_MAX, errors)
+        if number is not None:
+            weights.append((name, number))
+    return tuple(weights)

@@ -1,0 +1,501 @@
+"""Pure derivation: (config, observed kernel facts, health) -> DesiredState.
+
+Nothing here does I/O, reads the clock or logs; the same inputs always give the
+same output, which is what makes reconcile level-triggered and the whole
+routing design testable by tables of cases.
+
+The design, per family (IPv4 and IPv6 alike):
+
+* rules, inside [P, P+999] of ``settings.rule_priority``::
+
+      P      lookup main suppress_prefixlength 0   (keep_main_routes: specific
+                                                    main routes - LAN, VPN - win)
+      P+100  fwmark V/MASK lookup T                (one per uplink)
+      P+200  from <uplink address> lookup T        (one per uplink address)
+
+  The fwmark rules come before the source rules: a re-routed local packet keeps
+  the source the main table chose, and must still follow its mark.
+
+* one table per uplink: the default route via the gateway, the uplink's
+  connected prefixes, and an ``unreachable default`` at the highest metric, so
+  a marked packet never falls through to the main table's default route when
+  the uplink's routes are gone (link down): failover is decided in nftables,
+  never by the accident of an empty table.
+
+* the nft table ``inet markrouted``: connmark restore, classification of new
+  flows by the policies in file order, the per-uplink mark-and-save chains and
+  masquerade. Which uplink a policy uses right now lives in one small ``pick_N``
+  chain per distinct target, so a failover rewrites a few one-rule chains,
+  not the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from . import nftexpr as nx
+from .config import Config, Gateway, Policy, Uplink
+from .model import (
+    AF_INET,
+    AF_INET6,
+    FAMILIES,
+    MAIN_TABLE,
+    Address,
+    BaseHook,
+    DesiredState,
+    Health,
+    Link,
+    NftChain,
+    NftRule,
+    NftTable,
+    Observed,
+    PolicyStatus,
+    Route,
+    Rule,
+    Sysctl,
+    UplinkStatus,
+    family_name,
+)
+
+RT_SCOPE_LINK = 253
+RTN_UNICAST = 1
+#: The metric of the safety-net ``unreachable default`` in every uplink table.
+UNREACHABLE_METRIC = 0xFFFFFFFF - 1
+V6_DEFAULT_METRIC = 1024
+
+PRIO_SUPPRESS = 0
+PRIO_FWMARK = 100
+PRIO_SOURCE = 200
+
+L4_WITH_PORTS = (6, 17, 132, 136)  # tcp udp sctp udplite
+PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
+
+
+@dataclass(frozen=True)
+class UplinkView:
+    """An uplink as it is now: its link, addresses, gateways and usability."""
+
+    uplink: Uplink
+    link: Link | None
+    addresses: dict[int, tuple[Address, ...]]  # family -> usable addresses
+    gateways: dict[int, str | None]  # family -> gateway (None: device route)
+    usable: tuple[int, ...]  # families it can carry new flows for right now
+    reason: str
+
+
+def _net(addr: Address) -> str:
+    iface = ipaddress.ip_interface(f"{addr.address}/{addr.prefixlen}")
+    return str(iface.network)
+
+
+def _gateway(
+    spec: Gateway, family: int, link: Link, observed: Observed
+) -> tuple[bool, str | None, str]:
+    """(known, gateway, why-not). ``known`` with gateway None means a device route."""
+    if spec.kind == "none":
+        return (family == AF_INET, None, "gateway6 = none")
+    if spec.kind == "address":
+        return (True, str(spec.address), "")
+    candidates = sorted(
+        (d for d in observed.defaults if d.family == family and d.index == link.index),
+        key=lambda d: d.metric,
+    )
+    if not candidates:
+        return (False, None, f"no {family_name(family)} default route on {link.name} in the main table")
+    return (True, candidates[0].gateway, "")
+
+
+def view_uplink(uplink: Uplink, observed: Observed, health: Health | None) -> UplinkView:
+    link = observed.link(uplink.interface)
+    if link is None:
+        return UplinkView(uplink, None, {}, {}, (), f"interface {uplink.interface} does not exist")
+    addresses: dict[int, tuple[Address, ...]] = {}
+    for family in FAMILIES:
+        addresses[family] = tuple(
+            a
+            for a in observed.addresses_of(link.index, family)
+            if not a.link_local and not a.tentative
+        )
+    gateways: dict[int, str | None] = {}
+    usable: list[int] = []
+    why: dict[int, str] = {}
+    for family in FAMILIES:
+        spec = uplink.gateway if family == AF_INET else uplink.gateway6
+        known, gw, reason = _gateway(spec, family, link, observed)
+        if known:
+            gateways[family] = gw
+        if not addresses[family]:
+            why[family] = f"no {family_name(family)} address"
+        elif not known:
+            why[family] = reason
+        else:
+            usable.append(family)
+    if not link.up:
+        return UplinkView(uplink, link, addresses, gateways, (), "link is administratively down")
+    if not link.carrier:
+        return UplinkView(uplink, link, addresses, gateways, (), "no carrier")
+    if not usable:
+        return UplinkView(uplink, link, addresses, gateways, (), "; ".join(why.values()))
+    if health is not None and not health.up:
+        return UplinkView(uplink, link, addresses, gateways, (), health.reason)
+    reason = "ok"
+    missing = [why[f] for f in FAMILIES if f not in usable and f in why]
+    if missing and not (len(missing) == 1 and missing[0] == "gateway6 = none"):
+        reason = f"{family_name(usable[0])} only: " + "; ".join(missing)
+    elif health is not None:
+        reason = health.reason
+    return UplinkView(uplink, link, addresses, gateways, tuple(usable), reason)
+
+
+# ------------------------------------------------------------------ rules, routes
+
+
+def derive_rules(config: Config, views: Sequence[UplinkView]) -> frozenset[Rule]:
+    s = config.settings
+    p = s.rule_priority
+    rules: set[Rule] = set()
+    if config.uplinks and s.keep_main_routes:
+        for family in FAMILIES:
+            rules.add(Rule(family, p + PRIO_SUPPRESS, MAIN_TABLE, suppress_prefixlength=0))
+    for view in views:
+        u = view.uplink
+        for family in FAMILIES:
+            rules.add(
+                Rule(family, p + PRIO_FWMARK, u.table, fwmark=s.mark_value(u.mark), fwmask=s.mark_mask)
+            )
+        for family, addrs in view.addresses.items():
+            for a in addrs:
+                full = 32 if family == AF_INET else 128
+                rules.add(Rule(family, p + PRIO_SOURCE, u.table, src=a.address, src_len=full))
+    return frozenset(rules)
+
+
+def derive_routes(views: Sequence[UplinkView]) -> frozenset[Route]:
+    routes: set[Route] = set()
+    for view in views:
+        u = view.uplink
+        for family in FAMILIES:
+            any_dst = "0.0.0.0/0" if family == AF_INET else "::/0"
+            # the safety net: see the module docstring
+            routes.add(Route(family, u.table, any_dst, UNREACHABLE_METRIC, 0, type=7))
+        link = view.link
+        if link is None or not link.up:
+            continue  # the kernel refuses routes over a down link; re-added on link up
+        for family, addrs in view.addresses.items():
+            metric = 0 if family == AF_INET else V6_DEFAULT_METRIC
+            nets = []
+            for a in addrs:
+                net = _net(a)
+                nets.append(ipaddress.ip_network(net))
+                routes.add(
+                    Route(family, u.table, net, metric, link.index, prefsrc=a.address,
+                          scope=RT_SCOPE_LINK if family == AF_INET else 0, ifname=link.name)
+                )
+            if not addrs or family not in view.gateways:
+                continue
+            gw = view.gateways[family]
+            any_dst = "0.0.0.0/0" if family == AF_INET else "::/0"
+            if gw is None:
+                routes.add(Route(family, u.table, any_dst, metric, link.index,
+                                 scope=RT_SCOPE_LINK if family == AF_INET else 0, ifname=link.name))
+                continue
+            gwa = ipaddress.ip_address(gw)
+            onlink = not gwa.is_link_local and not any(gwa in n for n in nets)
+            routes.add(Route(family, u.table, any_dst, metric, link.index, gateway=gw,
+                             onlink=onlink, ifname=link.name))
+    return frozenset(routes)
+
+
+def derive_sysctls(config: Config, views: Sequence[UplinkView], observed: Observed) -> tuple[Sysctl, ...]:
+    """The sysctls policy routing needs (DOMAIN: rp_filter, src_valid_mark).
+
+    Only changes are returned: a loosened rp_filter stays loosened, and a value
+    that is already acceptable is left exactly as the administrator set it.
+    """
+    if not config.uplinks:
+        return ()
+    out = []
+    svm = "net/ipv4/conf/all/src_valid_mark"
+    if observed.sysctls.get(svm, "0") != "1":
+        out.append(Sysctl(svm, "1", "the rp_filter check must honour the fwmark"))
+    all_rp = int(observed.sysctls.get("net/ipv4/conf/all/rp_filter", "0") or 0)
+    for view in views:
+        if view.link is None:
+            continue
+        path = f"net/ipv4/conf/{view.link.name}/rp_filter"
+        if path not in observed.sysctls:
+            continue
+        own = int(observed.sysctls[path] or 0)
+        if max(all_rp, own) == 1:
+            out.append(Sysctl(path, "2", f"strict reverse-path filtering drops replies on uplink {view.uplink.name}"))
+    return tuple(out)
+
+
+# ------------------------------------------------------------------ nftables
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _rule(label: str, parts: Sequence[nx.X], salt: object = None) -> NftRule:
+    expr = [p.json for p in parts]
+    expr_json = json.dumps(expr, sort_keys=True, separators=(",", ":"))
+    text = " ".join(p.text for p in parts)
+    label = label[:80]
+    return NftRule(expr_json, text, f"{label} #{_digest(expr_json, salt)}")
+
+
+def _ports(ranges: Sequence[tuple[int, int]]) -> nx.X:
+    return nx.anon_set([nx.value_range(lo, hi) for lo, hi in ranges])
+
+
+def _proto(number: int) -> nx.X:
+    name = PROTO_NAMES.get(number)
+    return nx.word(name) if name else nx.num(number)
+
+
+def _policy_matches(
+    policy: Policy, hook: str, cgroup_prefix: str, cgroup_ids: Mapping[str, int]
+) -> list[tuple[list[nx.X], object]] | None:
+    """The match expressions of one policy for one hook, one list per family split.
+
+    None when the policy cannot match in this hook (iif: forwarded only;
+    uid/gid/cgroup: local sockets only) or its cgroup does not exist now.
+    """
+    local_only = bool(policy.uid or policy.gid or policy.cgroup)
+    if hook == "output" and policy.iif:
+        return None
+    if hook == "prerouting" and local_only:
+        return None
+    common: list[nx.X] = []
+    salt: object = None
+    if policy.iif:
+        common.append(nx.match(nx.meta("iifname"), nx.string(policy.iif)))
+    if policy.proto is not None:
+        common.append(nx.match(nx.meta("l4proto"), _proto(policy.proto)))
+    elif policy.dport or policy.sport:
+        common.append(nx.match(nx.meta("l4proto"), nx.anon_set([_proto(n) for n in L4_WITH_PORTS])))
+    if policy.sport:
+        common.append(nx.match(nx.payload("th", "sport"), _ports(policy.sport)))
+    if policy.dport:
+        common.append(nx.match(nx.payload("th", "dport"), _ports(policy.dport)))
+    if policy.uid:
+        common.append(nx.match(nx.meta("skuid"), _ports(policy.uid)))
+    if policy.gid:
+        common.append(nx.match(nx.meta("skgid"), _ports(policy.gid)))
+    if policy.cgroup:
+        path = policy.cgroup.strip("/")
+        if path not in cgroup_ids:
+            return None
+        level = len(path.split("/"))
+        full = f"{cgroup_prefix}/{path}" if cgroup_prefix else path
+        common.append(nx.match(nx.socket_cgroupv2(level), nx.string(full)))
+        # nft resolves the path to the cgroup's id when the rule is loaded: a
+        # re-created cgroup needs the rule reloaded, so its id is in the digest
+        salt = cgroup_ids[path]
+
+    families = policy.families
+    split = bool(policy.daddr or policy.saddr) or len(families) == 1
+    if not split:
+        return [(common, salt)]
+    out = []
+    for family in families:
+        proto = "ip" if family == AF_INET else "ip6"
+        parts = list(common)
+        ok = True
+        for field_name, nets in (("saddr", policy.saddr), ("daddr", policy.daddr)):
+            if not nets:
+                continue
+            mine = [n for n in nets if (n.version == 4) == (family == AF_INET)]
+            if not mine:
+                ok = False
+                break
+            parts.append(nx.match(nx.payload(proto, field_name),
+                                  nx.anon_set([nx.prefix(str(n.network_address), n.prefixlen) for n in mine])))
+        if not ok:
+            continue
+        if not (policy.daddr or policy.saddr):
+            parts.insert(0, nx.match(nx.meta("nfproto"), nx.word(family_name(family))))
+        out.append((parts, salt))
+    return out
+
+
+def _target_key(policy: Policy) -> tuple[object, ...]:
+    if policy.balance:
+        return ("balance", policy.balance, policy.fallback)
+    return ("uplinks", policy.uplinks, policy.fallback)
+
+
+def _choose(policy: Policy, usable: Mapping[str, tuple[int, ...]], family: int) -> list[tuple[str, int]]:
+    """The uplinks (with weights) that carry new flows of this policy for a family."""
+    if policy.balance:
+        return [(name, w) for name, w in policy.balance if family in usable.get(name, ())]
+    for name in policy.uplinks:
+        if family in usable.get(name, ()):
+            return [(name, 1)]
+    return []
+
+
+def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[NftRule]:
+    per_family = {f: _choose(policy, usable, f) for f in FAMILIES}
+
+    def action(choice: list[tuple[str, int]]) -> list[nx.X] | None:
+        if not choice:
+            return [nx.verdict("drop")] if policy.fallback == "drop" else None
+        if len(choice) == 1:
+            return [nx.goto(f"set_{choice[0][0]}")]
+        total = sum(w for _, w in choice)
+        entries = []
+        at = 0
+        for name, w in choice:
+            entries.append((nx.value_range(at, at + w - 1), nx.goto(f"set_{name}")))
+            at += w
+        return [nx.vmap(nx.numgen_random(total), entries)]
+
+    rules = []
+    if per_family[AF_INET] == per_family[AF_INET6]:
+        act = action(per_family[AF_INET])
+        if act:
+            rules.append(_rule("pick", act))
+        return rules
+    for family in FAMILIES:
+        act = action(per_family[family])
+        if act:
+            rules.append(_rule("pick " + family_name(family),
+                               [nx.match(nx.meta("nfproto"), nx.word(family_name(family))), *act]))
+    return rules
+
+
+def derive_nft(
+    config: Config,
+    views: Sequence[UplinkView],
+    cgroup_prefix: str = "",
+    cgroup_ids: Mapping[str, int] | None = None,
+) -> NftTable:
+    s = config.settings
+    mask = s.mark_mask
+    keep = 0xFFFFFFFF & ~mask
+    cgroup_ids = cgroup_ids or {}
+    usable = {v.uplink.name: v.usable for v in views}
+    chains: list[NftChain] = []
+
+    for u in config.uplinks:
+        v = s.mark_value(u.mark)
+        meta_set = nx.mangle(nx.meta("mark"), nx.bor(nx.band(nx.meta("mark"), keep), v))
+        ct_set = nx.mangle(nx.ct("mark"), nx.bor(nx.band(nx.ct("mark"), keep), v))
+        chains.append(NftChain(f"set_{u.name}", None, (_rule(f"mark {u.name}", [meta_set, ct_set]),)))
+        chains.append(NftChain(f"restore_{u.name}", None, (_rule(f"restore {u.name}", [meta_set]),)))
+        chains.append(NftChain(f"in_{u.name}", None, (_rule(f"inbound {u.name}", [ct_set]),)))
+
+    targets: dict[tuple[object, ...], str] = {}
+    for policy in config.policies:
+        key = _target_key(policy)
+        if key not in targets:
+            name = f"pick_{len(targets)}"
+            targets[key] = name
+            chains.append(NftChain(name, None, tuple(_pick_rules(policy, usable))))
+
+    restore = nx.vmap(
+        nx.band(nx.ct("mark"), mask),
+        [(nx.num(s.mark_value(u.mark), hexa=True), nx.goto(f"restore_{u.name}")) for u in config.uplinks],
+    )
+    head: list[NftRule] = []
+    if config.uplinks:
+        head = [
+            _rule("restore the flow's uplink", [restore]),
+            _rule("marked already", [nx.match(nx.band(nx.meta("mark"), mask), nx.num(0), "!="), nx.verdict("return")]),
+            _rule("only new flows are classified", [nx.match(nx.ct("state"), nx.word("new"), "!="), nx.verdict("return")]),
+        ]
+    local = _rule(
+        "not for this host",
+        [nx.match(nx.fib_daddr_type(), nx.anon_set([nx.word("local"), nx.word("broadcast"), nx.word("multicast")])),
+         nx.verdict("return")],
+    )
+
+    def hook_chain(hook: str) -> NftChain:
+        rules = list(head)
+        if config.uplinks and hook == "prerouting":
+            for u in config.uplinks:
+                rules.append(_rule(f"inbound on {u.name}",
+                                   [nx.match(nx.meta("iifname"), nx.string(u.interface)), nx.goto(f"in_{u.name}")]))
+        if config.policies:
+            rules.append(local)
+        for policy in config.policies:
+            splits = _policy_matches(policy, hook, cgroup_prefix, cgroup_ids)
+            for parts, salt in splits or ():
+                rules.append(_rule(f"policy {policy.name}", [*parts, nx.goto(targets[_target_key(policy)])], salt))
+        if hook == "prerouting":
+            base = BaseHook("filter", "prerouting", -150)
+        else:
+            base = BaseHook("route", "output", -150)
+        return NftChain(hook, base, tuple(rules))
+
+    chains.append(hook_chain("prerouting"))
+    chains.append(hook_chain("output"))
+
+    nat: list[NftRule] = []
+    for view in views:
+        u = view.uplink
+        if not u.masquerade or view.link is None:
+            continue
+        for family, addrs in view.addresses.items():
+            if not addrs:
+                continue
+            proto = "ip" if family == AF_INET else "ip6"
+            own = nx.anon_set([nx.word(a.address) for a in addrs])
+            nat.append(_rule(
+                f"masquerade {u.name} {family_name(family)}",
+                [nx.match(nx.meta("oifname"), nx.string(u.interface)),
+                 nx.match(nx.payload(proto, "saddr"), own, "!="),
+                 nx.masquerade()],
+            ))
+    chains.append(NftChain("postrouting", BaseHook("nat", "postrouting", 100), tuple(nat)))
+    return NftTable(tuple(chains))
+
+
+# ------------------------------------------------------------------ all of it
+
+
+def derive(
+    config: Config,
+    observed: Observed,
+    health: Mapping[str, Health] | None = None,
+) -> DesiredState:
+    health = health or {}
+    views = [view_uplink(u, observed, health.get(u.name)) for u in config.uplinks]
+    usable = {v.uplink.name: v.usable for v in views}
+    uplinks = tuple(
+        UplinkStatus(
+            name=v.uplink.name,
+            interface=v.uplink.interface,
+            state="up" if v.usable else "down",
+            reason=v.reason,
+            gateway=v.gateways.get(AF_INET) if AF_INET in v.gateways else None,
+            gateway6=v.gateways.get(AF_INET6) if AF_INET6 in v.gateways else None,
+            table=v.uplink.table,
+            mark=config.settings.mark_value(v.uplink.mark),
+            families=v.usable,
+        )
+        for v in views
+    )
+    policies = []
+    for p in config.policies:
+        active: list[str] = []
+        for family in p.families:
+            for name, _ in _choose(p, usable, family):
+                if name not in active:
+                    active.append(name)
+        policies.append(PolicyStatus(p.name, tuple(active), p.fallback, p.families))
+    return DesiredState(
+        rules=derive_rules(config, views),
+        routes=derive_routes(views),
+        nft=derive_nft(config, views, observed.cgroup_prefix, observed.cgroup_ids) if config.uplinks else None,
+        sysctls=derive_sysctls(config, views, observed),
+        uplinks=uplinks,
+        policies=tuple(policies),
+    )

@@ -1,0 +1,87 @@
+"""Pure packet classification: which policy a described packet matches.
+
+Mirrors the nft rules derive renders (same fields, same first-match order), so
+``markrouted explain`` answers with the policy the kernel would pick.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from .config import Config, Policy
+
+PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132,
+          "udplite": 136, "gre": 47, "esp": 50, "ah": 51}
+WITH_PORTS = (6, 17, 132, 136)
+
+
+@dataclass(frozen=True)
+class Packet:
+    daddr: ipaddress.IPv4Address | ipaddress.IPv6Address
+    proto: int | None = None
+    dport: int | None = None
+    sport: int | None = None
+    saddr: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    iif: str | None = None  # None: generated on this host
+    uid: int | None = None
+    gid: int | None = None
+    cgroup: str | None = None
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET if self.daddr.version == 4 else socket.AF_INET6
+
+
+def proto_number(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return PROTOS[text.lower()]
+    except KeyError:
+        raise ValueError(f"unknown protocol {text!r}") from None
+
+
+def _in_ranges(value: int | None, ranges: tuple[tuple[int, int], ...]) -> bool:
+    return value is not None and any(lo <= value <= hi for lo, hi in ranges)
+
+
+def matches(policy: Policy, pkt: Packet, uplink_interfaces: frozenset[str] = frozenset()) -> bool:
+    if pkt.iif is not None and pkt.iif in uplink_interfaces:
+        return False  # inbound on an uplink: it keeps that uplink (see derive)
+    if pkt.family not in policy.families:
+        return False
+    if policy.iif is not None and policy.iif != pkt.iif:
+        return False
+    local = pkt.iif is None
+    if (policy.uid or policy.gid or policy.cgroup) and not local:
+        return False
+    if policy.proto is not None and pkt.proto != policy.proto:
+        return False
+    if (policy.dport or policy.sport) and pkt.proto not in WITH_PORTS:
+        return False
+    if policy.dport and not _in_ranges(pkt.dport, policy.dport):
+        return False
+    if policy.sport and not _in_ranges(pkt.sport, policy.sport):
+        return False
+    if policy.daddr and not any(pkt.daddr in n for n in policy.daddr if n.version == pkt.daddr.version):
+        return False
+    if policy.saddr:
+        if pkt.saddr is None or not any(pkt.saddr in n for n in policy.saddr if n.version == pkt.saddr.version):
+            return False
+    if policy.uid and not _in_ranges(pkt.uid, policy.uid):
+        return False
+    if policy.gid and not _in_ranges(pkt.gid, policy.gid):
+        return False
+    if policy.cgroup and (pkt.cgroup or "").strip("/") != policy.cgroup.strip("/"):
+        return False
+    return True
+
+
+def classify(config: Config, pkt: Packet) -> Policy | None:
+    uplink_ifs = frozenset(u.interface for u in config.uplinks)
+    for policy in config.policies:
+        if matches(policy, pkt, uplink_ifs):
+            return policy
+    return None

@@ -1,0 +1,19 @@
+"""Typed kernel errors: what the caller can do about a failure depends on its kind."""
+
+from __future__ import annotations
+
+
+class KernelError(Exception):
+    """A kernel operation failed; usually transient (retry, resync later)."""
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PermissionDenied(KernelError):
+    """Not allowed: markrouted lacks CAP_NET_ADMIN. Terminal until restarted."""
+
+
+class Unsupported(KernelError):
+    """The kernel or a library lacks something markrouted needs (nf_tables, the binding)."""

@@ -1,0 +1,58 @@
+"""systemd-networkd deletes routing policy rules it did not create, unless told not to.
+
+``ManageForeignRoutingPolicyRules=`` defaults to yes (systemd issues #19106,
+#22077): a running networkd with that default removes markrouted's rules on
+every reconfiguration. ``check --kernel`` warns about it.
+"""
+
+from __future__ import annotations
+
+import configparser
+import glob
+import os
+
+from ..collisions import Finding
+
+CONF_FILES = ["/usr/lib/systemd/networkd.conf", "/etc/systemd/networkd.conf"]
+DROPIN_DIRS = ["/usr/lib/systemd/networkd.conf.d", "/run/systemd/networkd.conf.d", "/etc/systemd/networkd.conf.d"]
+
+
+def networkd_running(proc: str = "/proc") -> bool:
+    for comm in glob.glob(os.path.join(proc, "[0-9]*", "comm")):
+        try:
+            with open(comm) as f:
+                if f.read().strip() == "systemd-network":
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def manages_foreign_rules(files: list[str] | None = None) -> bool:
+    """The effective ManageForeignRoutingPolicyRules= (later files override earlier)."""
+    if files is None:
+        files = list(CONF_FILES)
+        dropins: dict[str, str] = {}
+        for d in DROPIN_DIRS:
+            for path in sorted(glob.glob(os.path.join(d, "*.conf"))):
+                dropins[os.path.basename(path)] = path
+        files += [dropins[k] for k in sorted(dropins)]
+    value = True
+    for path in files:
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read(path)
+        except (OSError, configparser.Error):
+            continue
+        if parser.has_option("Network", "ManageForeignRoutingPolicyRules"):
+            raw = parser.get("Network", "ManageForeignRoutingPolicyRules").strip().lower()
+            value = raw not in ("no", "false", "0", "off")
+    return value
+
+
+def networkd_findings() -> list[Finding]:
+    if networkd_running() and manages_foreign_rules():
+        return [Finding("warning", "systemd-networkd runs with ManageForeignRoutingPolicyRules=yes (the default) "
+                                   "and will delete markrouted's ip rules; set it to no in "
+                                   "/etc/systemd/networkd.conf.d/markrouted.conf (see README)")]
+    return []

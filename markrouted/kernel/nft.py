@@ -1,0 +1,168 @@
+"""The nftables table ``inet markrouted`` through libnftables' JSON API.
+
+markrouted owns exactly one table and touches nothing else, never the ruleset
+as a whole. Every write is one transaction that happens entirely or not at all:
+
+* replace: ``add table; delete table; add table; chains; rules`` — there is no
+  ``destroy`` in nftables 1.0.6, and add-then-delete makes the delete succeed
+  whether or not the table existed;
+* refill: ``flush chain; add rule...`` for the few chains that changed (a
+  failover rewrites a one-rule chain, not the table).
+
+Reading back compares chains by their hook and by the comments of their rules;
+each comment carries a digest of the rule (see ``model.NftRule``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ..model import NFT_FAMILY, NFT_TABLE, BaseHook, NftChain, NftRule, NftTable, NftUpdate
+from .errors import KernelError, PermissionDenied, Unsupported
+
+_T = {"family": NFT_FAMILY, "name": NFT_TABLE}
+
+
+def _load_binding() -> Any:
+    try:
+        import nftables
+    except ImportError as exc:
+        raise Unsupported(
+            "the nftables Python binding is missing (install python3-nftables)"
+        ) from exc
+    try:
+        return nftables.Nftables()
+    except OSError as exc:
+        raise Unsupported(f"libnftables cannot be loaded: {exc}") from exc
+
+
+class Nft:
+    def __init__(self) -> None:
+        self.nft = _load_binding()
+        self.nft.set_json_output(True)
+        self.nft.set_handle_output(False)
+
+    def _cmd(self, cmds: list[dict[str, Any]], what: str) -> Any:
+        rc, out, err = self.nft.json_cmd({"nftables": cmds})
+        if rc != 0:
+            raise _error(what, str(err))
+        return out
+
+    def list_json(self, what: str) -> dict[str, Any] | None:
+        rc, out, err = self.nft.cmd(f"list {what}")
+        if rc != 0:
+            text = str(err)
+            if "No such file or directory" in text:
+                return None
+            raise _error(f"list {what}", text)
+        result: dict[str, Any] = json.loads(out) if out else {"nftables": []}
+        return result
+
+    def read(self) -> NftTable | None:
+        data = self.list_json(f"table {NFT_FAMILY} {NFT_TABLE}")
+        if data is None:
+            return None
+        return parse_table(data)
+
+    def ruleset(self) -> dict[str, Any]:
+        data = self.list_json("ruleset")
+        return data or {"nftables": []}
+
+    def probe(self) -> None:
+        """Fail clearly when nf_tables is unusable (a dry-run transaction)."""
+        self.nft.set_dry_run(True)
+        try:
+            self._cmd([{"add": {"table": dict(_T)}}], "nf_tables")
+        finally:
+            self.nft.set_dry_run(False)
+
+    def apply(self, update: NftUpdate, desired: NftTable | None) -> None:
+        if update.empty:
+            return
+        if update.remove or desired is None:
+            self._cmd(
+                [{"add": {"table": dict(_T)}}, {"delete": {"table": dict(_T)}}],
+                f"delete table {NFT_FAMILY} {NFT_TABLE}",
+            )
+            return
+        if update.replace:
+            self._cmd(replace_commands(desired), f"replace table {NFT_FAMILY} {NFT_TABLE}")
+            return
+        cmds: list[dict[str, Any]] = []
+        for name in update.chains:
+            chain = desired.chain(name)
+            if chain is None:
+                continue
+            cmds.append({"flush": {"chain": {**_chain_id(name)}}})
+            cmds.extend(_rule_cmds(chain))
+        self._cmd(cmds, f"refill chains {', '.join(update.chains)}")
+
+
+def _chain_id(name: str) -> dict[str, Any]:
+    return {"family": NFT_FAMILY, "table": NFT_TABLE, "name": name}
+
+
+def _rule_cmds(chain: NftChain) -> list[dict[str, Any]]:
+    return [
+        {
+            "add": {
+                "rule": {
+                    "family": NFT_FAMILY,
+                    "table": NFT_TABLE,
+                    "chain": chain.name,
+                    "expr": rule.expr,
+                    "comment": rule.comment,
+                }
+            }
+        }
+        for rule in chain.rules
+    ]
+
+
+def replace_commands(table: NftTable) -> list[dict[str, Any]]:
+    cmds: list[dict[str, Any]] = [
+        {"add": {"table": dict(_T)}},
+        {"delete": {"table": dict(_T)}},
+        {"add": {"table": dict(_T)}},
+    ]
+    for chain in table.chains:
+        spec = _chain_id(chain.name)
+        if chain.base:
+            # integer priorities: "prio": "mangle" is accepted by nftables 1.0.6
+            # and silently yields a chain with no hook
+            spec.update(type=chain.base.type, hook=chain.base.hook, prio=chain.base.prio,
+                        policy=chain.base.policy)
+        cmds.append({"add": {"chain": spec}})
+    for chain in table.chains:
+        cmds.extend(_rule_cmds(chain))
+    return cmds
+
+
+def parse_table(data: dict[str, Any]) -> NftTable:
+    chains: dict[str, tuple[BaseHook | None, list[NftRule]]] = {}
+    order: list[str] = []
+    for item in data.get("nftables", []):
+        if "chain" in item:
+            c = item["chain"]
+            base = None
+            if "hook" in c:
+                base = BaseHook(c.get("type", ""), c["hook"], int(c.get("prio", 0)), c.get("policy", "accept"))
+            chains[c["name"]] = (base, [])
+            order.append(c["name"])
+        elif "rule" in item:
+            r = item["rule"]
+            entry = chains.get(r["chain"])
+            if entry is not None:
+                entry[1].append(NftRule(json.dumps(r.get("expr", [])), "", r.get("comment", "")))
+    return NftTable(tuple(NftChain(n, chains[n][0], tuple(chains[n][1])) for n in order))
+
+
+def _error(what: str, text: str) -> KernelError:
+    text = text.strip()
+    if "Operation not permitted" in text or "Permission denied" in text:
+        return PermissionDenied(f"{what}: permission denied (markrouted needs CAP_NET_ADMIN)")
+    if "Protocol not supported" in text or "not supported" in text.lower():
+        return Unsupported(f"{what}: this kernel has no usable nf_tables ({text.splitlines()[0] if text else ''})")
+    first = text.splitlines()[0] if text else "failed"
+    return KernelError(f"{what}: {first}")

@@ -1,0 +1,387 @@
+"""Frozen value types shared by the pure core and the kernel adapters.
+
+Every kernel object markrouted owns has exactly one identity, normalised to the
+form the kernel echoes back, so that "desired" and "actual" compare equal when
+(and only when) nothing needs to be written. Rules, for instance, are identified
+by family, priority, selector, fwmark/mask, suppress_prefixlength and table: the
+set of attributes whose difference makes two rules different for the kernel.
+Two rules equal under this identity are the same rule; that is what stops the
+duplicate rules other tools accumulate across restarts.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+AF_INET = socket.AF_INET
+AF_INET6 = socket.AF_INET6
+FAMILIES = (AF_INET, AF_INET6)
+
+#: The routing protocol number markrouted tags its rules and routes with.
+#: 109 is unassigned in the kernel's rtnetlink.h and in iproute2's rt_protos
+#: (reserved values: 0-4, 8-18, 42, 99, 186-192), and no routing daemon we
+#: know of uses it. Shipped as a name in /etc/iproute2/rt_protos.d/markrouted.conf.
+RTPROT_MARKROUTED = 109
+
+#: Suppress-prefixlength value the kernel reports for "not set".
+SUPPRESS_UNSET = 0xFFFFFFFF
+
+MAIN_TABLE = 254
+
+NFT_TABLE = "markrouted"
+NFT_FAMILY = "inet"
+
+
+def family_name(family: int) -> str:
+    return "ipv4" if family == AF_INET else "ipv6"
+
+
+def ip_cmd(family: int) -> str:
+    return "ip" if family == AF_INET else "ip -6"
+
+
+# --------------------------------------------------------------------- observed
+
+
+@dataclass(frozen=True)
+class Link:
+    """A network interface as the kernel reports it."""
+
+    index: int
+    name: str
+    up: bool  # IFF_UP: administratively up
+    carrier: bool  # IFF_LOWER_UP: the lower layer has a carrier
+
+
+@dataclass(frozen=True)
+class Address:
+    index: int  # ifindex
+    family: int
+    address: str
+    prefixlen: int
+    link_local: bool = False
+    tentative: bool = False
+
+
+@dataclass(frozen=True)
+class MainDefault:
+    """A default route of the main table: where "gateway = auto" learns from."""
+
+    family: int
+    index: int  # oif
+    gateway: str | None
+    metric: int = 0
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything of the kernel's state the derivation depends on.
+
+    Only what affects the desired state is here; what markrouted owns is read
+    separately (see ``Actual``). ``sysctls`` maps a /proc/sys relative path
+    (``net/ipv4/conf/eth0/rp_filter``) to its current value.
+    """
+
+    links: tuple[Link, ...] = ()
+    addresses: tuple[Address, ...] = ()
+    defaults: tuple[MainDefault, ...] = ()
+    sysctls: Mapping[str, str] = field(default_factory=dict)
+    #: where nft finds the cgroup v2 tree below /sys/fs/cgroup: "" on a pure v2
+    #: host, "unified" on a hybrid one
+    cgroup_prefix: str = ""
+    #: cgroup v2 path (as written in the config) -> its id, for those that exist
+    cgroup_ids: Mapping[str, int] = field(default_factory=dict)
+
+    def link(self, name: str) -> Link | None:
+        for link in self.links:
+            if link.name == name:
+                return link
+        return None
+
+    def addresses_of(self, index: int, family: int) -> tuple[Address, ...]:
+        return tuple(a for a in self.addresses if a.index == index and a.family == family)
+
+
+@dataclass(frozen=True)
+class Health:
+    """A health checker's verdict on one uplink (absent: no check configured or not run)."""
+
+    up: bool
+    reason: str
+
+
+# ----------------------------------------------------------------- owned objects
+
+
+@dataclass(frozen=True, order=True)
+class Rule:
+    """An ip rule owned by markrouted (proto RTPROT_MARKROUTED is implied)."""
+
+    family: int
+    priority: int
+    table: int
+    fwmark: int = 0
+    fwmask: int = 0
+    src: str | None = None
+    src_len: int = 0
+    suppress_prefixlength: int = SUPPRESS_UNSET
+
+    def __str__(self) -> str:
+        sel = "from all" if self.src is None else f"from {self.src}" + (
+            "" if self.src_len == (32 if self.family == AF_INET else 128) else f"/{self.src_len}"
+        )
+        if self.fwmask:
+            sel += f" fwmark {self.fwmark:#x}/{self.fwmask:#x}"
+        table = "main" if self.table == MAIN_TABLE else str(self.table)
+        text = f"{ip_cmd(self.family)} rule {self.priority}: {sel} lookup {table}"
+        if self.suppress_prefixlength != SUPPRESS_UNSET:
+            text += f" suppress_prefixlength {self.suppress_prefixlength}"
+        return text + " proto markrouted"
+
+
+@dataclass(frozen=True, order=True)
+class Route:
+    """A route owned by markrouted in an uplink's table.
+
+    ``key`` is what the kernel considers the route's slot (a replace with the
+    same key changes it in place, without a gap); the rest are its attributes.
+    """
+
+    family: int
+    table: int
+    dst: str  # "0.0.0.0/0", "198.51.100.0/24"
+    metric: int
+    oif: int
+    gateway: str | None = None
+    prefsrc: str | None = None
+    scope: int = 0  # RT_SCOPE_UNIVERSE; 253 = link
+    onlink: bool = False
+    type: int = 1  # RTN_UNICAST; 7 = RTN_UNREACHABLE
+    ifname: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> tuple[int, int, str, int]:
+        return (self.family, self.table, self.dst, self.metric)
+
+    def __str__(self) -> str:
+        dst = "default" if self.dst.endswith("/0") else self.dst
+        if self.type == 7:
+            return (f"{ip_cmd(self.family)} route unreachable {dst} table {self.table}"
+                    f" proto markrouted metric {self.metric}")
+        text = f"{ip_cmd(self.family)} route {dst}"
+        if self.gateway:
+            text += f" via {self.gateway}"
+        text += f" dev {self.ifname or self.oif} table {self.table} proto markrouted"
+        if self.scope == 253:
+            text += " scope link"
+        if self.prefsrc:
+            text += f" src {self.prefsrc}"
+        if self.metric:
+            text += f" metric {self.metric}"
+        if self.onlink:
+            text += " onlink"
+        return text
+
+
+@dataclass(frozen=True)
+class Sysctl:
+    path: str  # relative to /proc/sys, e.g. "net/ipv4/conf/eth0/rp_filter"
+    value: str
+    reason: str = field(default="", compare=False)
+
+    def __str__(self) -> str:
+        return f"sysctl {self.path.replace('/', '.')}={self.value}"
+
+
+# ------------------------------------------------------------------- nftables
+
+
+@dataclass(frozen=True)
+class NftRule:
+    """One rule: its JSON expression list (as canonical text) and its comment.
+
+    The comment carries a digest of the expression, so a rule changed behind
+    markrouted's back is noticed by comparing comments alone: nft's JSON echo of
+    an expression differs from the input in many small ways, a comment does not.
+    """
+
+    expr_json: str
+    text: str
+    comment: str
+
+    @property
+    def expr(self) -> list[Any]:
+        result: list[Any] = json.loads(self.expr_json)
+        return result
+
+
+@dataclass(frozen=True)
+class BaseHook:
+    type: str  # filter | route | nat
+    hook: str
+    prio: int
+    policy: str = "accept"
+
+
+@dataclass(frozen=True)
+class NftChain:
+    name: str
+    base: BaseHook | None
+    rules: tuple[NftRule, ...] = ()
+
+    @property
+    def fingerprint(self) -> tuple[BaseHook | None, tuple[str, ...]]:
+        return (self.base, tuple(r.comment for r in self.rules))
+
+
+@dataclass(frozen=True)
+class NftTable:
+    chains: tuple[NftChain, ...]
+
+    def chain(self, name: str) -> NftChain | None:
+        for chain in self.chains:
+            if chain.name == name:
+                return chain
+        return None
+
+    def text(self) -> str:
+        """The table in nft's own syntax, as ``nft list table`` would show it."""
+        lines = [f"table {NFT_FAMILY} {NFT_TABLE} {{"]
+        for chain in self.chains:
+            lines.append(f"\tchain {chain.name} {{")
+            if chain.base:
+                b = chain.base
+                lines.append(
+                    f"\t\ttype {b.type} hook {b.hook} priority {b.prio}; policy {b.policy};"
+                )
+            for rule in chain.rules:
+                lines.append(f'\t\t{rule.text} comment "{rule.comment}"')
+            lines.append("\t}")
+        lines.append("}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- desired
+
+
+@dataclass(frozen=True)
+class UplinkStatus:
+    name: str
+    interface: str
+    state: str  # "up" | "down"
+    reason: str
+    gateway: str | None
+    gateway6: str | None
+    table: int
+    mark: int  # the fwmark bits (already shifted)
+    families: tuple[int, ...]  # the families it can carry now
+
+
+@dataclass(frozen=True)
+class PolicyStatus:
+    name: str
+    active: tuple[str, ...]  # uplinks carrying new flows now; empty: fallback applies
+    fallback: str
+    families: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    rules: frozenset[Rule]
+    routes: frozenset[Route]
+    nft: NftTable | None  # None: markrouted has nothing to install (no uplinks)
+    sysctls: tuple[Sysctl, ...]
+    uplinks: tuple[UplinkStatus, ...]
+    policies: tuple[PolicyStatus, ...]
+
+
+@dataclass(frozen=True)
+class Actual:
+    """What markrouted owns in the kernel right now."""
+
+    rules: frozenset[Rule]
+    routes: frozenset[Route]
+    nft: NftTable | None  # None: the table does not exist
+
+
+# ------------------------------------------------------------------- plans
+
+
+class Op(enum.Enum):
+    ADD = "+"
+    CHANGE = "~"
+    REMOVE = "-"
+
+
+@dataclass(frozen=True)
+class NftUpdate:
+    """How to bring the nft table to the desired one.
+
+    ``replace``: rebuild the whole table in one transaction (structure changed
+    or table missing). Otherwise ``chains`` names the chains whose rules are
+    flushed and refilled in one transaction. ``remove``: delete the table.
+    """
+
+    replace: bool = False
+    chains: tuple[str, ...] = ()
+    remove: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not (self.replace or self.chains or self.remove)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rules_add: tuple[Rule, ...] = ()
+    rules_remove: tuple[Rule, ...] = ()
+    routes_set: tuple[tuple[Route, Route | None], ...] = ()  # (new, old-or-None)
+    routes_remove: tuple[Route, ...] = ()
+    nft: NftUpdate = NftUpdate()
+    sysctls: tuple[Sysctl, ...] = ()
+    nft_desired: NftTable | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.rules_add
+            or self.rules_remove
+            or self.routes_set
+            or self.routes_remove
+            or self.sysctls
+            or not self.nft.empty
+        )
+
+    def lines(self) -> list[str]:
+        """The plan as ``+``/``-``/``~`` lines, objects as ip/nft show them."""
+        out: list[str] = []
+        for s in self.sysctls:
+            out.append(f"~ {s}  ({s.reason})" if s.reason else f"~ {s}")
+        for new, old in self.routes_set:
+            if old is None:
+                out.append(f"+ {new}")
+            else:
+                out.append(f"~ {new}  (was: {old})")
+        for r in self.rules_add:
+            out.append(f"+ {r}")
+        if self.nft.remove:
+            out.append(f"- nft table {NFT_FAMILY} {NFT_TABLE}")
+        elif self.nft.replace and self.nft_desired is not None:
+            out.append(f"+ nft table {NFT_FAMILY} {NFT_TABLE} (replaced in one transaction):")
+            out.extend("    " + line for line in self.nft_desired.text().splitlines())
+        elif self.nft.chains and self.nft_desired is not None:
+            for name in self.nft.chains:
+                chain = self.nft_desired.chain(name)
+                out.append(f"~ nft chain {NFT_FAMILY} {NFT_TABLE} {name} (refilled):")
+                for rule in chain.rules if chain else ():
+                    out.append(f"    {rule.text}")
+        for r in self.rules_remove:
+            out.append(f"- {r}")
+        for route in self.routes_remove:
+            out.append(f"- {route}")
+        return out

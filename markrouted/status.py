@@ -1,0 +1,119 @@
+"""The status document (``markrouted status --json``) and its human rendering.
+
+The daemon writes the same document atomically to ``/run/markrouted/status.json``
+after every reconcile; without a daemon, ``status`` computes it from what
+``apply`` would install now. One shape for both, so scripts need not care.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from .model import DesiredState, family_name
+
+RUN_DIR = "/run/markrouted"
+STATUS_FILE = "status.json"
+
+
+def document(desired: DesiredState, in_sync: bool, **extra: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "in_sync": in_sync,
+        "uplinks": {
+            u.name: {
+                "interface": u.interface,
+                "state": u.state,
+                "reason": u.reason,
+                "gateway": u.gateway,
+                "gateway6": u.gateway6,
+                "table": u.table,
+                "mark": f"{u.mark:#010x}",
+                "families": [family_name(f) for f in u.families],
+            }
+            for u in desired.uplinks
+        },
+        "policies": {
+            p.name: {
+                "active": list(p.active),
+                "fallback": p.fallback,
+                "families": [family_name(f) for f in p.families],
+            }
+            for p in desired.policies
+        },
+    }
+    doc.update(extra)
+    return doc
+
+
+def write_atomic(doc: Mapping[str, Any], run_dir: str = RUN_DIR) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".status.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, os.path.join(run_dir, STATUS_FILE))
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_live(run_dir: str = RUN_DIR) -> dict[str, Any] | None:
+    """The running daemon's document, or None when no daemon runs."""
+    try:
+        with open(os.path.join(run_dir, STATUS_FILE)) as f:
+            doc: dict[str, Any] = json.load(f)
+    except (OSError, ValueError):
+        return None
+    pid = doc.get("pid")
+    if not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return doc
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def render(doc: Mapping[str, Any]) -> str:
+    lines = []
+    source = "daemon (pid %s)" % doc["pid"] if doc.get("pid") else "computed (no daemon running)"
+    sync = "in sync" if doc.get("in_sync") else "NOT in sync"
+    lines.append(f"markrouted: {sync}; {source}")
+    if doc.get("config_error"):
+        lines.append("config reload refused, still running the previous config:")
+        lines.extend("  " + e for e in str(doc["config_error"]).splitlines())
+    if doc.get("last_error"):
+        lines.append(f"last error: {doc['last_error']}")
+    uplinks = doc.get("uplinks", {})
+    if uplinks:
+        rows = [["UPLINK", "STATE", "INTERFACE", "GATEWAY", "GATEWAY6", "TABLE", "MARK", "WHY"]]
+        for name, u in uplinks.items():
+            rows.append([name, u["state"], u["interface"], str(u.get("gateway") or "-"),
+                         str(u.get("gateway6") or "-"), str(u["table"]), str(u["mark"]), u.get("reason", "")])
+        lines.append("")
+        lines.extend(_table(rows))
+    else:
+        lines.append("no uplinks configured: nothing installed")
+    policies = doc.get("policies", {})
+    if policies:
+        rows = [["POLICY", "CARRIED BY", "FALLBACK"]]
+        for name, p in policies.items():
+            active = ", ".join(p["active"]) if p["active"] else f"none ({p['fallback']})"
+            rows.append([name, active, p["fallback"]])
+        lines.append("")
+        lines.extend(_table(rows))
+    return "\n".join(lines)
