@@ -6,6 +6,17 @@
   agent.py connect ADDR PORT TIMEOUT [SRC]
                                        connect, print the address the server saw; exit 1
                                        when the connection fails
+  agent.py connect-many ADDR PORT COUNT TIMEOUT
+                                       COUNT connections one after the other, one line
+                                       each: the address the server saw, or "-" when the
+                                       connection failed (one process for hundreds of
+                                       connections: the balance test needs many)
+  agent.py hold ADDR PORT TIMEOUT      one long-lived connection: print "PEER LOCALPORT",
+                                       then send every line read on stdin and print the
+                                       echo (or "error: ..."), until stdin closes
+
+It runs as any user (the uid tests run it through setpriv), so it only needs
+to be world-readable, and it imports nothing outside the standard library.
 """
 
 from __future__ import annotations
@@ -49,33 +60,80 @@ def serve(ports: list[int]) -> None:
             threading.Thread(target=_handle, args=(conn, peer), daemon=True).start()
 
 
-def connect(addr: str, port: int, timeout: float, src: str | None) -> int:
+def _read_line(s: socket.socket) -> str:
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(256)
+        if not chunk:
+            raise ConnectionError("closed by the peer")
+        line += chunk
+    return line.decode().strip()
+
+
+def _open(addr: str, port: int, timeout: float, src: str | None = None) -> tuple[socket.socket, str]:
+    """A connected socket and the first line the server sent (its view of us)."""
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
         s.settimeout(timeout)
+        if src:
+            s.bind((src, 0))
+        s.connect((addr, port))
+        return s, _read_line(s)
+    except BaseException:
+        s.close()
+        raise
+
+
+def connect(addr: str, port: int, timeout: float, src: str | None) -> int:
+    try:
+        s, peer = _open(addr, port, timeout, src)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    s.close()
+    print(peer)
+    return 0
+
+
+def connect_many(addr: str, port: int, count: int, timeout: float) -> int:
+    for _ in range(count):
         try:
-            if src:
-                s.bind((src, 0))
-            s.connect((addr, port))
-            line = b""
-            while not line.endswith(b"\n"):
-                chunk = s.recv(256)
-                if not chunk:
-                    break
-                line += chunk
-        except OSError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    print(line.decode().strip())
+            s, peer = _open(addr, port, timeout)
+            s.close()
+        except OSError:
+            peer = "-"
+        print(peer, flush=True)
+    return 0
+
+
+def hold(addr: str, port: int, timeout: float) -> int:
+    try:
+        s, peer = _open(addr, port, timeout)
+    except OSError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
+    with s:
+        print(f"{peer} {s.getsockname()[1]}", flush=True)
+        for line in sys.stdin:
+            try:
+                s.sendall(line.encode())
+                print(_read_line(s), flush=True)
+            except OSError as exc:
+                print(f"error: {exc}", flush=True)
     return 0
 
 
 def main(argv: list[str]) -> int:
-    if argv[0] == "serve":
+    if argv and argv[0] == "serve":
         serve([int(p) for p in argv[1:]])
         return 0
-    if argv[0] == "connect":
+    if argv and argv[0] == "connect":
         return connect(argv[1], int(argv[2]), float(argv[3]), argv[4] if len(argv) > 4 else None)
+    if argv and argv[0] == "connect-many":
+        return connect_many(argv[1], int(argv[2]), int(argv[3]), float(argv[4]))
+    if argv and argv[0] == "hold":
+        return hold(argv[1], int(argv[2]), float(argv[3]))
     print(__doc__, file=sys.stderr)
     return 2
 

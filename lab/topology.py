@@ -107,6 +107,9 @@ class Lab:
         for role in ("host", "isp1", "isp2", "server", "client"):
             run(["ip", "netns", "add", self.ns(role)])
             self.made.append(self.ns(role))
+            # before any link exists, so every link (link-local address included)
+            # is usable at once: no 1-2 s of duplicate address detection
+            self.sh(role, "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0")
             self.ip(role, "link", "set", "lo", "up")
         self._veth("host", "eth0", "isp1", "cust")
         self._veth("host", "eth1", "isp2", "cust")
@@ -158,6 +161,34 @@ class Lab:
         # anything else (un-NATed LAN sources) has no way back: the ISPs drop it anyway
         self.start_agent("server", "serve", *map(str, SERVER_PORTS))
         self.wait_listening("server", SERVER_PORTS[0])
+        self.wait_links_ready()
+
+    def wait_links_ready(self, deadline: float = 10.0) -> None:
+        """Wait until every link of the lab is up with a usable IPv6 link-local address.
+
+        A veth's carrier reaches IPv6 through the kernel's rate-limited link
+        watch, up to a second after ``ip link set up``; until then neighbour
+        discovery on it fails and the first IPv6 connection through it times
+        out. Tests must not start before that.
+        """
+        end = time.monotonic() + deadline
+        pending = list(self.made)
+        while pending and time.monotonic() < end:
+            for name in list(pending):
+                links = json.loads(run(["ip", "-j", "-n", name, "addr", "show"]) or "[]")
+                ready = all(
+                    link.get("operstate") in ("UP", "UNKNOWN")
+                    and any(a.get("family") == "inet6" and a.get("scope") == "link" and not a.get("tentative")
+                            for a in link.get("addr_info", []))
+                    for link in links
+                    if link.get("ifname") != "lo" and "UP" in link.get("flags", [])
+                )
+                if ready:
+                    pending.remove(name)
+            if pending:
+                time.sleep(0.05)
+        if pending:
+            raise TimeoutError(f"links not ready in {', '.join(pending)}")
 
     def destroy(self) -> None:
         for proc in self.procs:

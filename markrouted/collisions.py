@@ -34,19 +34,31 @@ def _is_mark(expr: Any) -> str | None:
     return None
 
 
-def _bits_of_value(value: Any) -> int:
-    """Bits a mangle value writes: constants write their bits, masks keep others."""
+def _bits_of_value(value: Any, key: str | None = None) -> int:
+    """Bits a mangle of the mark ``key`` ("meta mark", "ct mark") writes.
+
+    A constant or another source writes the whole mark; ``key & K`` clears the
+    bits outside K, ``key | C`` and ``key ^ C`` write only C, and
+    ``(key & K) | C`` (how nft echoes a masked set) writes ~K and C.
+    """
     if isinstance(value, int):
         return FULL  # "mark set 0x10" writes the whole mark
     if isinstance(value, dict):
-        if "|" in value:
-            left, right = value["|"]
-            if isinstance(left, dict) and "&" in left and isinstance(left["&"][1], int):
-                return FULL & ~left["&"][1]
-            return FULL
+        for op in ("|", "^"):
+            if op in value:
+                left, right = value[op]
+                if not isinstance(right, int):
+                    return FULL
+                if key is not None and _is_mark(left) == key:
+                    return right & FULL
+                if isinstance(left, dict) and "&" in left:
+                    inner, keep = left["&"]
+                    if key is not None and _is_mark(inner) == key and isinstance(keep, int):
+                        return (FULL & ~keep) | (right & FULL)
+                return FULL
         if "&" in value:
             left, right = value["&"]
-            if _is_mark(left) and isinstance(right, int):
+            if key is not None and _is_mark(left) == key and isinstance(right, int):
                 return FULL & ~right
     return FULL
 
@@ -78,7 +90,7 @@ def mark_users(ruleset: dict[str, Any]) -> Iterator[tuple[str, str, int]]:
             if "mangle" in expr:
                 what = _is_mark(expr["mangle"].get("key"))
                 if what:
-                    yield where, f"sets {what}", _bits_of_value(expr["mangle"].get("value"))
+                    yield where, f"sets {what}", _bits_of_value(expr["mangle"].get("value"), what)
             elif "match" in expr:
                 left = expr["match"].get("left")
                 what = _is_mark(left)

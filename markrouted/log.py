@@ -75,6 +75,10 @@ def _plain_renderer(logger: Any, method: str, event_dict: MutableMapping[str, An
     return f"{prefix}{tag}{event}" + (f"  {rest}" if rest else "")
 
 
+def _drop_all(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
+    raise structlog.DropEvent
+
+
 def setup(mode: str = "auto", level: str = "info", stream: TextIO | None = None) -> Any:
     """Configure structlog; returns a logger. mode: auto | journal | console | quiet."""
     if mode == "auto":
@@ -88,7 +92,11 @@ def setup(mode: str = "auto", level: str = "info", stream: TextIO | None = None)
     if mode != "journal":
         processors.append(structlog.processors.TimeStamper(fmt="%H:%M:%S", utc=False))
         processors.append(_plain_renderer)
-    threshold = logging.CRITICAL + 1 if mode == "quiet" else _LEVELS.get(level, logging.INFO)
+    # structlog 22.3 only knows the standard levels (CRITICAL + 1 is a KeyError):
+    # quiet mode drops every event in a processor instead
+    threshold = logging.CRITICAL if mode == "quiet" else _LEVELS.get(level, logging.INFO)
+    if mode == "quiet":
+        processors.insert(0, _drop_all)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(threshold),

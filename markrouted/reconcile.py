@@ -9,7 +9,7 @@ event naming the object and why it was written.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,11 +42,16 @@ class Result:
     writes: int = 0
 
 
-def compute(config: Config, kernel: KernelAPI, health: Mapping[str, Health] | None = None) -> Result:
+def compute(
+    config: Config,
+    kernel: KernelAPI,
+    health: Mapping[str, Health] | None = None,
+    extra_ranges: Iterable[int] = (),
+) -> Result:
     """Everything up to the plan; writes nothing."""
     observed = kernel.observe(config)
     desired = derive(config, observed, health)
-    actual = kernel.actual(config)
+    actual = kernel.actual(config, extra_ranges)
     return Result(observed, desired, actual, diff(desired, actual))
 
 
@@ -110,8 +115,9 @@ def reconcile(
     kernel: KernelAPI,
     health: Mapping[str, Health] | None = None,
     log: Any = None,
+    extra_ranges: Iterable[int] = (),
 ) -> Result:
-    result = compute(config, kernel, health)
+    result = compute(config, kernel, health, extra_ranges)
     writes = apply_plan(result.plan, kernel, log or NullLog()) if not result.plan.empty else 0
     return Result(result.observed, result.desired, result.actual, result.plan, writes)
 

@@ -19,6 +19,11 @@ RUN_DIR = "/run/markrouted"
 STATUS_FILE = "status.json"
 
 
+def run_dir() -> str:
+    """Where the daemon publishes its view (MARKROUTED_RUN_DIR overrides, for tests and labs)."""
+    return os.environ.get("MARKROUTED_RUN_DIR", RUN_DIR)
+
+
 def document(desired: DesiredState, in_sync: bool, **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "in_sync": in_sync,
@@ -48,14 +53,15 @@ def document(desired: DesiredState, in_sync: bool, **extra: Any) -> dict[str, An
     return doc
 
 
-def write_atomic(doc: Mapping[str, Any], run_dir: str = RUN_DIR) -> None:
-    os.makedirs(run_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".status.")
+def write_atomic(doc: Mapping[str, Any], directory: str | None = None) -> None:
+    directory = directory or run_dir()
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".status.")
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(run_dir, STATUS_FILE))
+        os.replace(tmp, os.path.join(directory, STATUS_FILE))
     except BaseException:
         try:
             os.unlink(tmp)
@@ -64,10 +70,10 @@ def write_atomic(doc: Mapping[str, Any], run_dir: str = RUN_DIR) -> None:
         raise
 
 
-def read_live(run_dir: str = RUN_DIR) -> dict[str, Any] | None:
+def read_live(directory: str | None = None) -> dict[str, Any] | None:
     """The running daemon's document, or None when no daemon runs."""
     try:
-        with open(os.path.join(run_dir, STATUS_FILE)) as f:
+        with open(os.path.join(directory or run_dir(), STATUS_FILE)) as f:
             doc: dict[str, Any] = json.load(f)
     except (OSError, ValueError):
         return None
@@ -80,7 +86,19 @@ def read_live(run_dir: str = RUN_DIR) -> dict[str, Any] | None:
         return None
     except PermissionError:
         pass
+    if not _same_netns(pid):
+        return None  # a daemon in another network namespace (a container, a test) is not ours
     return doc
+
+
+def _same_netns(pid: int) -> bool:
+    """Whether ``pid`` shares our network namespace (True when that cannot be told)."""
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+        ours = os.stat("/proc/self/ns/net")
+    except OSError:
+        return True
+    return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
 def _table(rows: list[list[str]]) -> list[str]:

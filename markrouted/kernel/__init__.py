@@ -8,6 +8,7 @@ read what markrouted owns, and write single objects. ``FakeKernel`` (in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 from typing import Any, Protocol
@@ -23,7 +24,7 @@ CGROUP_ROOT = "/sys/fs/cgroup"
 
 class KernelAPI(Protocol):
     def observe(self, config: Config) -> Observed: ...
-    def actual(self, config: Config) -> Actual: ...
+    def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual: ...
     def write_sysctl(self, path: str, value: str) -> None: ...
     def set_route(self, route: Route) -> None: ...
     def del_route(self, route: Route) -> bool: ...
@@ -63,6 +64,13 @@ class Kernel:
         self._nft: Any = None
         if need_nft:
             self._nft = self.nft
+        # The table as last written by us. The daemon trusts it until nf_tables
+        # reports a transaction on the table by someone else (or a resync), so a
+        # failover does not re-read a thousand-rule table; one-shot commands
+        # never set it and always read.
+        self.nft_cached = False
+        self._nft_cache: NftTable | None = None
+        self.cache_nft = False
 
     @property
     def nft(self) -> Any:
@@ -97,13 +105,23 @@ class Kernel:
             cgroup_ids=ids,
         )
 
-    def actual(self, config: Config) -> Actual:
-        lo = config.settings.rule_priority
-        return Actual(
-            rules=frozenset(self.netlink.rules(lo, lo + 999)),
-            routes=frozenset(self.netlink.routes()),
-            nft=self.nft.read(),
+    def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual:
+        """What markrouted owns; ``extra_ranges``: previous rule_priority values still owned."""
+        rules: set[Rule] = set()
+        for lo in {config.settings.rule_priority, *extra_ranges}:
+            rules.update(self.netlink.rules(lo, lo + 999))
+        if self.nft_cached:
+            nft = self._nft_cache
+        else:
+            nft = self.nft.read()
+        names = {link.index: link.name for link in self.netlink.links()}
+        routes = frozenset(
+            dataclasses.replace(r, ifname=names.get(r.oif, "")) if r.oif else r for r in self.netlink.routes()
         )
+        return Actual(rules=frozenset(rules), routes=routes, nft=nft)
+
+    def invalidate_nft(self) -> None:
+        self.nft_cached = False
 
     def write_sysctl(self, path: str, value: str) -> None:
         self.sysctls.write(path, value)
@@ -121,4 +139,8 @@ class Kernel:
         return self.netlink.del_rule(rule)
 
     def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None:
+        self.nft_cached = False
         self.nft.apply(update, desired)
+        if self.cache_nft:
+            self._nft_cache = None if update.remove else desired
+            self.nft_cached = True

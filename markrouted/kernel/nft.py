@@ -37,8 +37,30 @@ def _load_binding() -> Any:
         raise Unsupported(f"libnftables cannot be loaded: {exc}") from exc
 
 
+CAP_NET_ADMIN = 12
+
+
+def lacks_net_admin(status: str = "/proc/self/status") -> bool:
+    """True when this process surely does not hold CAP_NET_ADMIN.
+
+    libnftables reports a refused netlink request by printing "Operation not
+    permitted (you must be root)" straight to stderr, around its error buffer;
+    checking first keeps the user's error to the one line markrouted prints.
+    """
+    try:
+        with open(status, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return not (int(line.split()[1], 16) >> CAP_NET_ADMIN) & 1
+    except (OSError, ValueError, IndexError):
+        pass
+    return False  # cannot tell: let the kernel decide
+
+
 class Nft:
     def __init__(self) -> None:
+        if lacks_net_admin():
+            raise PermissionDenied("nftables: permission denied (markrouted needs CAP_NET_ADMIN)")
         self.nft = _load_binding()
         self.nft.set_json_output(True)
         self.nft.set_handle_output(False)

@@ -1,0 +1,198 @@
+"""Kernel change notifications: rtnetlink and nf_tables multicast groups.
+
+Events only tell the daemon that a reconcile is due; what changed is read
+afresh by the reconcile (level-triggered), so the parsing here is limited to
+the fixed headers needed to drop what cannot matter *early* — a router
+carrying a full BGP table must not wake markrouted for every route.
+
+Plain netlink sockets from the standard library are used for listening, the
+same on every pyroute2 version; pyroute2 stays the tool for requests. On
+ENOBUFS (the socket's queue overflowed, events were lost) the socket is
+closed and reopened and the caller resyncs everything.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from ..model import MAIN_TABLE, NFT_TABLE, RTPROT_MARKROUTED
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_NETFILTER = 12
+SO_RCVBUFFORCE = 33
+RCVBUF = 8 * 1024 * 1024  # a 5,000-route burst overflowed 2 MiB
+
+RTNLGRP_LINK = 1
+RTNLGRP_IPV4_IFADDR = 5
+RTNLGRP_IPV4_ROUTE = 7
+RTNLGRP_IPV4_RULE = 8
+RTNLGRP_IPV6_IFADDR = 9
+RTNLGRP_IPV6_ROUTE = 11
+RTNLGRP_IPV6_RULE = 19
+NFNLGRP_NFTABLES = 7
+
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWADDR, RTM_DELADDR = 20, 21
+RTM_NEWROUTE, RTM_DELROUTE = 24, 25
+RTM_NEWRULE, RTM_DELRULE = 32, 33
+NLMSG_ERROR, NLMSG_OVERRUN = 2, 4
+
+RTA_TABLE = 15
+FRA_PRIORITY = 6
+FRA_PROTOCOL = 21
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_PID = 2
+NFPROTO_INET = 1
+
+_NLMSGHDR = struct.Struct("=IHHII")
+
+
+class Overflow(Exception):
+    """Events were lost: everything must be re-read."""
+
+
+@dataclass
+class Interest:
+    """What the daemon cares about; updated after each reconcile."""
+
+    tables: frozenset[int] = frozenset()
+    prio_lo: int = 0
+    prio_hi: int = 0
+
+
+@dataclass
+class Event:
+    kind: str  # link | address | route | rule | nft
+    text: str
+
+
+def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
+    while offset + 4 <= end:
+        length, atype = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            return
+        yield atype & 0x3FFF, data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+
+
+def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes, int]]:
+    """(type, flags, pid, data, body-offset) for each message of a datagram."""
+    offset = 0
+    while offset + _NLMSGHDR.size <= len(data):
+        length, mtype, flags, _seq, pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size:
+            return
+        yield mtype, flags, pid, data[offset : offset + length], _NLMSGHDR.size
+        offset += (length + 3) & ~3
+
+
+def parse_rtnl(data: bytes, interest: Interest) -> list[Event]:
+    """The events of one rtnetlink datagram that could change markrouted's view."""
+    out = []
+    for mtype, _flags, _pid, msg, body in _messages(data):
+        if mtype == NLMSG_OVERRUN:
+            raise Overflow()
+        if mtype in (RTM_NEWLINK, RTM_DELLINK):
+            index = struct.unpack_from("=i", msg, body + 4)[0]
+            out.append(Event("link", f"link {index} {'changed' if mtype == RTM_NEWLINK else 'removed'}"))
+        elif mtype in (RTM_NEWADDR, RTM_DELADDR):
+            index = struct.unpack_from("=I", msg, body + 4)[0]
+            out.append(Event("address", f"address {'added' if mtype == RTM_NEWADDR else 'removed'} on link {index}"))
+        elif mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+            family, dst_len, _s, _t, table, proto = struct.unpack_from("=BBBBBB", msg, body)
+            for atype, value in _attrs(msg, body + 12, len(msg)):
+                if atype == RTA_TABLE and len(value) >= 4:
+                    table = struct.unpack("=I", value[:4])[0]
+            if proto == RTPROT_MARKROUTED or table in interest.tables or (table == MAIN_TABLE and dst_len == 0):
+                verb = "added" if mtype == RTM_NEWROUTE else "removed"
+                out.append(Event("route", f"route {verb} in table {table}"))
+        elif mtype in (RTM_NEWRULE, RTM_DELRULE):
+            prio, proto = 0, 0
+            for atype, value in _attrs(msg, body + 12, len(msg)):
+                if atype == FRA_PRIORITY and len(value) >= 4:
+                    prio = struct.unpack("=I", value[:4])[0]
+                elif atype == FRA_PROTOCOL and value:
+                    proto = value[0]
+            if proto == RTPROT_MARKROUTED or interest.prio_lo <= prio <= interest.prio_hi:
+                verb = "added" if mtype == RTM_NEWRULE else "removed"
+                out.append(Event("rule", f"rule {verb} at priority {prio}"))
+    return out
+
+
+@dataclass
+class NftWatch:
+    """Follows nf_tables transactions; reports those that touched our table and were not ours.
+
+    Every object message names its table in attribute 1; a transaction ends
+    with NEWGEN carrying the pid of the process that made it. Our own writes
+    are recognised by that pid and ignored.
+    """
+
+    own_pid: int = field(default_factory=os.getpid)
+    touched: bool = False
+
+    def feed(self, data: bytes) -> list[Event]:
+        out = []
+        for mtype, _flags, _pid, msg, body in _messages(data):
+            if mtype == NLMSG_OVERRUN:
+                raise Overflow()
+            if mtype >> 8 != NFNL_SUBSYS_NFTABLES:
+                continue
+            kind = mtype & 0xFF
+            family = msg[body] if len(msg) > body else 0
+            attrs = dict(_attrs(msg, body + 4, len(msg)))
+            if kind == NFT_MSG_NEWGEN:
+                raw = attrs.get(NFTA_GEN_PROC_PID)
+                pid = struct.unpack(">I", raw[:4])[0] if raw and len(raw) >= 4 else -1
+                if self.touched and pid != self.own_pid:
+                    out.append(Event("nft", f"table inet {NFT_TABLE} changed by pid {pid}"))
+                self.touched = False
+                continue
+            name = attrs.get(1, b"").rstrip(b"\0")
+            if family == NFPROTO_INET and name == NFT_TABLE.encode():
+                self.touched = True
+        return out
+
+
+def _open(proto: int, groups: tuple[int, ...]) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    sock.bind((0, 0))
+    for group in groups:
+        sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+    return sock
+
+
+def open_rtnl() -> socket.socket:
+    return _open(
+        socket.NETLINK_ROUTE,
+        (RTNLGRP_LINK, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV4_ROUTE,
+         RTNLGRP_IPV6_ROUTE, RTNLGRP_IPV4_RULE, RTNLGRP_IPV6_RULE),
+    )
+
+
+def open_nft() -> socket.socket:
+    return _open(NETLINK_NETFILTER, (NFNLGRP_NFTABLES,))
+
+
+def drain(sock: socket.socket) -> Iterator[bytes]:
+    """Every datagram queued now; raises Overflow on ENOBUFS."""
+    while True:
+        try:
+            yield sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                raise Overflow() from exc
+            raise

@@ -1,0 +1,215 @@
+"""An in-memory kernel for the pure-core tests: ``KernelAPI`` without netlink or nftables.
+
+It keeps what the real kernel would keep and answers the way the real adapters
+do, so reconcile can be tested for what matters without root: which writes it
+makes, in which order, and that a second pass in a converged state makes none.
+
+Semantics copied from the kernel (and from ``netlink``/``nft`` on top of it):
+
+* rules: adding an identical rule is EEXIST, reported as ``False``; deleting a
+  missing one is ENOENT, also ``False``. Only rules inside the configured
+  priority range are markrouted's (``actual``); foreign rules live apart and
+  are never returned or touched.
+* routes: ``set_route`` is ``ip route replace``, one route per ``Route.key``;
+  a route over a link that is missing or administratively down is refused
+  (ENODEV / ENETDOWN), as the kernel does.
+* nftables: the table is stored as the ``NftTable`` it was last made; a
+  replace installs the desired table whole, a refill swaps the rules of the
+  named chains (which must exist, as ``flush chain`` requires), a remove
+  deletes it whether or not it exists (the real adapter does add+delete).
+* sysctls: written values are what the next ``observe`` reports.
+
+It deliberately imports neither pyroute2 nor nftables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Config
+from ..model import (
+    Actual,
+    Link,
+    NftChain,
+    NftTable,
+    NftUpdate,
+    Observed,
+    Route,
+    Rule,
+)
+from .errors import KernelError
+
+#: Tables the real adapter never reports as markrouted's (unspec, default, main, local).
+RESERVED_TABLES = frozenset({0, 253, 254, 255})
+
+#: One write as the log records it: (operation, the object written).
+Write = tuple[str, object]
+
+
+@dataclass
+class Fault:
+    """A failure to inject: the next ``times`` writes of ``op`` matching ``when`` raise ``error``."""
+
+    op: str
+    error: KernelError
+    when: Callable[[object], bool] | None = None
+    times: int = 1
+
+
+class FakeKernel:
+    """In-memory ``KernelAPI``.
+
+    ``observed`` is a plain attribute: a test changes links, addresses or
+    default routes by assigning a new ``Observed``. Sysctls are the exception:
+    they are state the fake owns (``sysctls``), seeded from the first
+    ``Observed``, because markrouted writes them and must read its writes back.
+
+    ``writes`` logs every write call in order, including those the kernel
+    answers with "already there" (a converged pass must make none at all).
+    """
+
+    def __init__(self, observed: Observed | None = None) -> None:
+        self.observed = observed if observed is not None else Observed()
+        self.sysctls: dict[str, str] = dict(self.observed.sysctls)
+        self.rules: set[Rule] = set()
+        self.routes: dict[tuple[int, int, str, int], Route] = {}
+        self.nft: NftTable | None = None
+        self.foreign_rules: set[Rule] = set()
+        self.foreign_routes: set[Route] = set()
+        #: other nftables tables, "family name" -> anything; never touched
+        self.foreign_nft: dict[str, object] = {}
+        self.writes: list[Write] = []
+        self.faults: list[Fault] = []
+        self.closed = False
+
+    # ------------------------------------------------------------ test helpers
+
+    def fail(self, op: str, error: KernelError | None = None,
+             when: Callable[[object], bool] | None = None, times: int = 1) -> None:
+        """Make the next ``times`` writes of ``op`` (matching ``when``) raise ``error``."""
+        self.faults.append(Fault(op, error or KernelError(f"{op}: injected failure", errno.EIO), when, times))
+
+    def set_link(self, name: str, *, up: bool | None = None, carrier: bool | None = None) -> None:
+        """Change a link as ``ip link set`` or a cable would.
+
+        Admin down flushes the IPv4 routes over that link in every table
+        without telling anyone (DOMAIN 17); carrier loss keeps them (18).
+        """
+        links = []
+        for link in self.observed.links:
+            if link.name == name:
+                new = Link(link.index, link.name,
+                           link.up if up is None else up,
+                           link.carrier if carrier is None else carrier)
+                if link.up and not new.up:
+                    self.routes = {k: r for k, r in self.routes.items() if r.oif != link.index}
+                    self.foreign_routes = {r for r in self.foreign_routes if r.oif != link.index}
+                link = new
+            links.append(link)
+        self.observed = dataclasses.replace(self.observed, links=tuple(links))
+
+    def clear_writes(self) -> list[Write]:
+        """The write log so far, emptied (to look at one pass at a time)."""
+        done, self.writes = self.writes, []
+        return done
+
+    def ops(self) -> list[str]:
+        """The operations of the write log, in order."""
+        return [op for op, _ in self.writes]
+
+    def text(self) -> str:
+        """Everything the fake holds, as ip and nft would list it (for failing asserts)."""
+        lines = [f"sysctl {p.replace('/', '.')}={v}" for p, v in sorted(self.sysctls.items())]
+        lines += [str(r) for r in sorted(self.rules)]
+        lines += [str(r) for r in sorted(self.routes.values())]
+        if self.nft is not None:
+            lines += self.nft.text().splitlines()
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------ KernelAPI
+
+    def observe(self, config: Config) -> Observed:
+        return dataclasses.replace(self.observed, sysctls=dict(self.sysctls))
+
+    def actual(self, config: Config) -> Actual:
+        lo = config.settings.rule_priority
+        return Actual(
+            rules=frozenset(r for r in self.rules if lo <= r.priority <= lo + 999),
+            routes=frozenset(r for r in self.routes.values() if r.table not in RESERVED_TABLES),
+            nft=self.nft,
+        )
+
+    def write_sysctl(self, path: str, value: str) -> None:
+        self._write("write_sysctl", (path, value))
+        if path not in self.sysctls:
+            raise KernelError(f"sysctl {path.replace('/', '.')}: No such file or directory", errno.ENOENT)
+        self.sysctls[path] = value
+
+    def set_route(self, route: Route) -> None:
+        self._write("set_route", route)
+        if route.type == 1 and route.oif:
+            link = next((ln for ln in self.observed.links if ln.index == route.oif), None)
+            if link is None:
+                raise KernelError(f"{route}: No such device", errno.ENODEV)
+            if not link.up:
+                raise KernelError(f"{route}: Network is down", errno.ENETDOWN)
+        self.routes[route.key] = route
+
+    def del_route(self, route: Route) -> bool:
+        self._write("del_route", route)
+        if self.routes.get(route.key) != route:
+            return False
+        del self.routes[route.key]
+        return True
+
+    def add_rule(self, rule: Rule) -> bool:
+        self._write("add_rule", rule)
+        if rule in self.rules:
+            return False
+        self.rules.add(rule)
+        return True
+
+    def del_rule(self, rule: Rule) -> bool:
+        self._write("del_rule", rule)
+        if rule not in self.rules:
+            return False
+        self.rules.remove(rule)
+        return True
+
+    def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None:
+        if update.empty:
+            return
+        self._write("nft_apply", update)
+        if update.remove or desired is None:
+            self.nft = None
+            return
+        if update.replace:
+            self.nft = desired
+            return
+        if self.nft is None:
+            raise KernelError("refill chains: No such file or directory (no table)", errno.ENOENT)
+        have = {c.name: c for c in self.nft.chains}
+        for name in update.chains:
+            if name not in have:
+                raise KernelError(f"flush chain {name}: No such file or directory", errno.ENOENT)
+        chains: list[NftChain] = []
+        for chain in self.nft.chains:
+            want = desired.chain(chain.name) if chain.name in update.chains else None
+            chains.append(dataclasses.replace(chain, rules=want.rules) if want else chain)
+        self.nft = NftTable(tuple(chains))
+
+    def close(self) -> None:
+        self.closed = True
+
+    # ------------------------------------------------------------ internals
+
+    def _write(self, op: str, obj: object) -> None:
+        """Log one write, then raise an injected fault if one applies."""
+        self.writes.append((op, obj))
+        for fault in self.faults:
+            if fault.op == op and fault.times > 0 and (fault.when is None or fault.when(obj)):
+                fault.times -= 1
+                raise fault.error
