@@ -132,6 +132,8 @@ class Check:
     timeout: float = 1.0
     down_after: int = 3
     up_after: int = 3
+    success: str = "any"
+    """A round succeeds when ``"any"`` target answers (default), or only when ``"all"`` do."""
 
 
 @dataclass(frozen=True)
@@ -832,9 +834,12 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
     interval_ok = True
     down_after = 3
     up_after = 3
+    success = "any"
     for key, value in table.items():
         path = f"{prefix}.{_key(key)}"
         match key:
+            case "success":
+                success = _choice(value, path, ("any", "all"), errors) or success
             case "targets":
                 targets = _targets(value, path, errors)
             case "method":
@@ -868,6 +873,7 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
         timeout=timeout[0],
         down_after=down_after,
         up_after=up_after,
+        success=success,
     )
 
 

@@ -184,6 +184,10 @@ class Daemon:
         self._watch: ConfigWatch | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
         self.interest: Any = None
+        from .monitor import Monitor
+
+        self.monitor = Monitor(log, self._on_health)
+        self.monitor.configure(config)
 
     # ------------------------------------------------------------ requests
 
@@ -193,6 +197,10 @@ class Daemon:
             self.reasons.append(reason)
         self.full = self.full or full
         self.due.set()
+
+    def _on_health(self, name: str, health: Health) -> None:
+        self.health[name] = health
+        self.request(f"health check: {name} {'up' if health.up else 'down'}")
 
     # ------------------------------------------------------------ event sources
 
@@ -268,6 +276,7 @@ class Daemon:
         if new.settings.rule_priority != self.config.settings.rule_priority:
             self.old_ranges.add(self.config.settings.rule_priority)
         self.config = new
+        self.monitor.configure(new)
         self.log.info("config reloaded", trigger=why, uplinks=len(new.uplinks), policies=len(new.policies))
         self.reload_pending = True
         self.request("config reloaded", full=True)
@@ -312,6 +321,7 @@ class Daemon:
         log = self.log.bind(trigger=trigger)
         self.busy_since = time.monotonic()
         try:
+            self.health = self.monitor.verdicts()
             outcome = await loop.run_in_executor(
                 self.executor, self._kernel_pass, self.config, dict(self.health), set(self.old_ranges), full, log
             )
@@ -341,6 +351,7 @@ class Daemon:
         self.last_pass = time.time()
         self._log_transitions(previous, result, trigger)
         await self._clear_dead(previous, result.desired)
+        self.monitor.update(result.desired, self.config)
         self._update_interest()
         if result.writes:
             self.log.debug("reconciled", writes=result.writes, seconds=f"{outcome.seconds:.4f}")
@@ -363,7 +374,7 @@ class Daemon:
             if old is None and previous is not None:
                 continue
             if old is None or old.state != u.state:
-                if previous is None and u.state == "up":
+                if previous is None and (u.state == "up" or self._pending(u.name)):
                     continue
                 event = "uplink up" if u.state == "up" else "uplink down"
                 logger = self.log.info if u.state == "up" else self.log.warning
@@ -378,10 +389,16 @@ class Daemon:
                 and (previous.rules, previous.routes, previous.nft) == (now.rules, now.routes, now.nft)):
             self.log.warning("drift repaired", writes=result.writes, trigger=trigger)
 
+    def _pending(self, name: str) -> bool:
+        checked = self.monitor.checked.get(name)
+        return checked is not None and checked.machine.pending
+
     async def _clear_dead(self, previous: DesiredState | None, now: DesiredState) -> None:
         """Flows pinned to an uplink that just became unusable must re-route."""
         from .kernel.conntrack import clear_mark
 
+        if previous is None:
+            return  # at start nothing was pinned by this process
         before = {u.name: u.state for u in previous.uplinks} if previous else {}
         mask = self.config.settings.mark_mask
         loop = asyncio.get_running_loop()
@@ -417,6 +434,7 @@ class Daemon:
             last_error=self.last_error,
             config_error=self.config_error,
             status=self._status_line(),
+            health=self.monitor.documents(),
         )
         try:
             write_atomic(doc, self.run_dir)
@@ -477,6 +495,7 @@ class Daemon:
 
     async def _stop(self) -> int:
         self.notify(STOPPING="1", STATUS="stopping")
+        await self.monitor.close()
         loop = asyncio.get_running_loop()
         if self.config.settings.on_stop == "flush":
             try:
@@ -505,6 +524,11 @@ class Daemon:
         return n
 
 
+async def _main(config_path: str, config: Config, log: Any) -> int:
+    daemon = Daemon(config_path, config, log, Notifier())
+    return await daemon.run()
+
+
 def run(config_path: str, log_mode: str = "auto") -> int:
     from .log import setup
 
@@ -519,9 +543,11 @@ def run(config_path: str, log_mode: str = "auto") -> int:
         return 1
     for line in config.warnings:
         log.warning("config warning", error=line)
-    daemon = Daemon(config_path, config, log, Notifier())
     try:
-        return asyncio.run(daemon.run())
+        from .monitor import preflight
+
+        preflight(config)
+        return asyncio.run(_main(config_path, config, log))
     except (PermissionDenied, Unsupported) as exc:
         print(f"markrouted: {exc}", file=sys.stderr)
         log.error("cannot start", error=str(exc))

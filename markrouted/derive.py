@@ -85,6 +85,7 @@ class UplinkView:
     gateways: dict[int, str | None]  # family -> gateway (None: device route)
     usable: tuple[int, ...]  # families it can carry new flows for right now
     reason: str
+    link_usable: tuple[int, ...] = ()  # usable at the link level, health aside
 
 
 def _net(addr: Address) -> str:
@@ -128,7 +129,9 @@ def view_uplink(uplink: Uplink, observed: Observed, health: Health | None) -> Up
         known, gw, reason = _gateway(spec, family, link, observed)
         if known:
             gateways[family] = gw
-        if not addresses[family]:
+        if not known and spec.kind == "none":
+            why[family] = reason  # disabled in the config: not a fault, whatever the addresses
+        elif not addresses[family]:
             why[family] = f"no {family_name(family)} address"
         elif not known:
             why[family] = reason
@@ -141,14 +144,14 @@ def view_uplink(uplink: Uplink, observed: Observed, health: Health | None) -> Up
     if not usable:
         return UplinkView(uplink, link, addresses, gateways, (), "; ".join(why.values()))
     if health is not None and not health.up:
-        return UplinkView(uplink, link, addresses, gateways, (), health.reason)
+        return UplinkView(uplink, link, addresses, gateways, (), health.reason, tuple(usable))
     reason = "ok"
     missing = [why[f] for f in FAMILIES if f not in usable and f in why]
     if missing and not (len(missing) == 1 and missing[0] == "gateway6 = none"):
         reason = f"{family_name(usable[0])} only: " + "; ".join(missing)
     elif health is not None:
         reason = health.reason
-    return UplinkView(uplink, link, addresses, gateways, tuple(usable), reason)
+    return UplinkView(uplink, link, addresses, gateways, tuple(usable), reason, tuple(usable))
 
 
 # ------------------------------------------------------------------ rules, routes
@@ -190,6 +193,8 @@ def derive_routes(views: Sequence[UplinkView]) -> frozenset[Route]:
             nets = []
             for a in addrs:
                 net = _net(a)
+                if ipaddress.ip_network(net) in nets:
+                    continue  # a secondary address: one route per prefix, or two would share one slot
                 nets.append(ipaddress.ip_network(net))
                 routes.add(
                     Route(family, u.table, net, metric, link.index, prefsrc=a.address,
@@ -480,6 +485,9 @@ def derive(
             table=v.uplink.table,
             mark=config.settings.mark_value(v.uplink.mark),
             families=v.usable,
+            link_ok=bool(v.link_usable),
+            link_reason=v.reason if not v.link_usable else "ok",
+            addresses=tuple(a.address for f in FAMILIES for a in v.addresses.get(f, ())),
         )
         for v in views
     )

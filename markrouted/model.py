@@ -280,6 +280,11 @@ class UplinkStatus:
     table: int
     mark: int  # the fwmark bits (already shifted)
     families: tuple[int, ...]  # the families it can carry now
+    #: usable at the link level (interface, carrier, address, gateway), whatever
+    #: a health check says: health probes run only then
+    link_ok: bool = False
+    link_reason: str = ""
+    addresses: tuple[str, ...] = ()  # its usable addresses, probes' sources
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,8 @@ class Kernel:
 
     def close(self) -> None:
         self.netlink.close()
+        if self._nft is not None:
+            self._nft.close()
 
     def observe(self, config: Config) -> Observed:
         links = self.netlink.links()

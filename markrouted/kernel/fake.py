@@ -8,8 +8,8 @@ Semantics copied from the kernel (and from ``netlink``/``nft`` on top of it):
 
 * rules: adding an identical rule is EEXIST, reported as ``False``; deleting a
   missing one is ENOENT, also ``False``. Only rules inside the configured
-  priority range are markrouted's (``actual``); foreign rules live apart and
-  are never returned or touched.
+  priority range (and the ``extra_ranges`` asked for) are markrouted's
+  (``actual``); foreign rules live apart and are never returned or touched.
 * routes: ``set_route`` is ``ip route replace``, one route per ``Route.key``;
   a route over a link that is missing or administratively down is refused
   (ENODEV / ENETDOWN), as the kernel does.
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..config import Config
@@ -134,10 +134,10 @@ class FakeKernel:
     def observe(self, config: Config) -> Observed:
         return dataclasses.replace(self.observed, sysctls=dict(self.sysctls))
 
-    def actual(self, config: Config) -> Actual:
-        lo = config.settings.rule_priority
+    def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual:
+        starts = {config.settings.rule_priority, *extra_ranges}
         return Actual(
-            rules=frozenset(r for r in self.rules if lo <= r.priority <= lo + 999),
+            rules=frozenset(r for r in self.rules if any(lo <= r.priority <= lo + 999 for lo in starts)),
             routes=frozenset(r for r in self.routes.values() if r.table not in RESERVED_TABLES),
             nft=self.nft,
         )
