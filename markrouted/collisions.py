@@ -91,8 +91,9 @@ def mark_users(ruleset: dict[str, Any]) -> Iterator[tuple[str, str, int]]:
                 what = _is_mark(expr["mangle"].get("key"))
                 if what:
                     yield where, f"sets {what}", _bits_of_value(expr["mangle"].get("value"), what)
-            elif "match" in expr:
-                left = expr["match"].get("left")
+            elif "match" in expr or "vmap" in expr or "map" in expr:
+                # a verdict map or map keyed on the mark reads it as much as a match does
+                left = expr["match"].get("left") if "match" in expr else (expr.get("vmap") or expr["map"]).get("key")
                 what = _is_mark(left)
                 if what:
                     yield where, f"reads {what}", FULL

@@ -15,6 +15,7 @@ a typo must never be silently ignored.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import json
 import math
@@ -181,7 +182,7 @@ class Policy:
     fallback: str = "main"
     """``"main"`` or ``"drop"``."""
 
-    @property
+    @functools.cached_property
     def families(self) -> tuple[int, ...]:
         """The address families (``socket.AF_INET``/``AF_INET6``) this policy can match.
 

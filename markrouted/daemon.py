@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config, ConfigError, load
+from .derive import Deriver
 from .kernel.errors import KernelError, PermissionDenied, Unsupported
 from .model import DesiredState, Health
 from .reconcile import Result, flush, reconcile
@@ -163,6 +164,7 @@ class Daemon:
         self.notify = notify
         self.run_dir = run_dir()
         self.kernel: Any = None
+        self.deriver: Deriver | None = None  # used by the worker thread only
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kernel")
         self.due = asyncio.Event()
         self.stop_event = asyncio.Event()
@@ -179,6 +181,8 @@ class Daemon:
         self.ready = False
         self.health: dict[str, Health] = {}
         self.failures = 0
+        self.passes = 0
+        self.last_seconds = 0.0
         self._retry: asyncio.TimerHandle | None = None
         self._sockets: dict[str, socket.socket] = {}
         self._watch: ConfigWatch | None = None
@@ -295,7 +299,9 @@ class Daemon:
                 self.kernel.cache_nft = True
             if full:
                 self.kernel.invalidate_nft()
-            result = reconcile(config, self.kernel, health, log=log, extra_ranges=extra)
+            if self.deriver is None or self.deriver.config is not config:
+                self.deriver = Deriver(config)
+            result = reconcile(config, self.kernel, health, log=log, extra_ranges=extra, deriver=self.deriver)
             return PassOutcome(result, None, time.perf_counter() - start)
         except (PermissionDenied, Unsupported):
             raise
@@ -342,6 +348,8 @@ class Daemon:
             return
         assert outcome.result is not None
         result = outcome.result
+        self.passes += 1
+        self.last_seconds = outcome.seconds
         self.failures = 0
         self.last_error = None
         self.in_sync = True
@@ -435,6 +443,8 @@ class Daemon:
             config_error=self.config_error,
             status=self._status_line(),
             health=self.monitor.documents(),
+            passes=self.passes,
+            last_pass_seconds=round(self.last_seconds, 6),
         )
         try:
             write_atomic(doc, self.run_dir)

@@ -243,16 +243,12 @@ def derive_sysctls(config: Config, views: Sequence[UplinkView], observed: Observ
 # ------------------------------------------------------------------ nftables
 
 
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
 def _rule(label: str, parts: Sequence[nx.X], salt: object = None) -> NftRule:
     expr = [p.json for p in parts]
     expr_json = json.dumps(expr, sort_keys=True, separators=(",", ":"))
     text = " ".join(p.text for p in parts)
-    label = label[:80]
-    return NftRule(expr_json, text, f"{label} #{_digest(expr_json, salt)}")
+    digest = hashlib.sha256(f"{expr_json}|{salt}".encode()).hexdigest()[:10]
+    return NftRule(expr_json, text, f"{label[:80]} #{digest}")
 
 
 def _ports(ranges: Sequence[tuple[int, int]]) -> nx.X:
@@ -376,17 +372,26 @@ def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[N
     return rules
 
 
-def derive_nft(
-    config: Config,
-    views: Sequence[UplinkView],
-    cgroup_prefix: str = "",
-    cgroup_ids: Mapping[str, int] | None = None,
-) -> NftTable:
+@dataclass(frozen=True)
+class StaticChains:
+    """The chains that depend on the config alone (and on which cgroups exist).
+
+    With a thousand policies they are most of the table and most of the cost
+    of a derivation; a failover changes none of them, so the daemon computes
+    them once per config (see ``Deriver``).
+    """
+
+    head: tuple[NftChain, ...]  # set_/restore_/in_ chains
+    hooks: tuple[NftChain, ...]  # prerouting, output
+    targets: Mapping[tuple[object, ...], str]  # policy target -> pick chain name
+    first_policy: Mapping[str, Policy]  # pick chain name -> a policy with that target
+
+
+def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[str, int] | None = None) -> StaticChains:
     s = config.settings
     mask = s.mark_mask
     keep = 0xFFFFFFFF & ~mask
     cgroup_ids = cgroup_ids or {}
-    usable = {v.uplink.name: v.usable for v in views}
     chains: list[NftChain] = []
 
     for u in config.uplinks:
@@ -398,12 +403,13 @@ def derive_nft(
         chains.append(NftChain(f"in_{u.name}", None, (_rule(f"inbound {u.name}", [ct_set]),)))
 
     targets: dict[tuple[object, ...], str] = {}
+    first: dict[str, Policy] = {}
     for policy in config.policies:
         key = _target_key(policy)
         if key not in targets:
             name = f"pick_{len(targets)}"
             targets[key] = name
-            chains.append(NftChain(name, None, tuple(_pick_rules(policy, usable))))
+            first[name] = policy
 
     restore = nx.vmap(
         nx.band(nx.ct("mark"), mask),
@@ -440,8 +446,24 @@ def derive_nft(
             base = BaseHook("route", "output", -150)
         return NftChain(hook, base, tuple(rules))
 
-    chains.append(hook_chain("prerouting"))
-    chains.append(hook_chain("output"))
+    hooks = (hook_chain("prerouting"), hook_chain("output"))
+    return StaticChains(tuple(chains), hooks, targets, first)
+
+
+def derive_nft(
+    config: Config,
+    views: Sequence[UplinkView],
+    cgroup_prefix: str = "",
+    cgroup_ids: Mapping[str, int] | None = None,
+    static: StaticChains | None = None,
+) -> NftTable:
+    if static is None:
+        static = static_chains(config, cgroup_prefix, cgroup_ids)
+    usable = {v.uplink.name: v.usable for v in views}
+    chains: list[NftChain] = list(static.head)
+    for name, policy in static.first_policy.items():
+        chains.append(NftChain(name, None, tuple(_pick_rules(policy, usable))))
+    chains.extend(static.hooks)
 
     nat: list[NftRule] = []
     for view in views:
@@ -466,10 +488,34 @@ def derive_nft(
 # ------------------------------------------------------------------ all of it
 
 
+class Deriver:
+    """``derive`` for one config, keeping what depends on the config alone.
+
+    Held by the daemon across passes (never module-global): a failover then
+    costs the few dynamic chains, not a re-rendering of every policy.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._static: StaticChains | None = None
+        self._static_key: tuple[object, ...] = ()
+
+    def static(self, observed: Observed) -> StaticChains:
+        key = (observed.cgroup_prefix, tuple(sorted(observed.cgroup_ids.items())))
+        if self._static is None or key != self._static_key:
+            self._static = static_chains(self.config, observed.cgroup_prefix, observed.cgroup_ids)
+            self._static_key = key
+        return self._static
+
+    def __call__(self, observed: Observed, health: Mapping[str, Health] | None = None) -> DesiredState:
+        return derive(self.config, observed, health, self)
+
+
 def derive(
     config: Config,
     observed: Observed,
     health: Mapping[str, Health] | None = None,
+    deriver: Deriver | None = None,
 ) -> DesiredState:
     health = health or {}
     views = [view_uplink(u, observed, health.get(u.name)) for u in config.uplinks]
@@ -502,7 +548,7 @@ def derive(
     return DesiredState(
         rules=derive_rules(config, views),
         routes=derive_routes(views),
-        nft=derive_nft(config, views, observed.cgroup_prefix, observed.cgroup_ids) if config.uplinks else None,
+        nft=derive_nft(config, views, static=(deriver or Deriver(config)).static(observed)) if config.uplinks else None,
         sysctls=derive_sysctls(config, views, observed),
         uplinks=uplinks,
         policies=tuple(policies),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .derive import derive
+from .derive import Deriver, derive
 from .diff import diff
 from .kernel import KernelAPI
 from .kernel.errors import KernelError, PermissionDenied, Unsupported
@@ -47,10 +47,11 @@ def compute(
     kernel: KernelAPI,
     health: Mapping[str, Health] | None = None,
     extra_ranges: Iterable[int] = (),
+    deriver: Deriver | None = None,
 ) -> Result:
     """Everything up to the plan; writes nothing."""
     observed = kernel.observe(config)
-    desired = derive(config, observed, health)
+    desired = derive(config, observed, health, deriver)
     actual = kernel.actual(config, extra_ranges)
     return Result(observed, desired, actual, diff(desired, actual))
 
@@ -116,8 +117,9 @@ def reconcile(
     health: Mapping[str, Health] | None = None,
     log: Any = None,
     extra_ranges: Iterable[int] = (),
+    deriver: Deriver | None = None,
 ) -> Result:
-    result = compute(config, kernel, health, extra_ranges)
+    result = compute(config, kernel, health, extra_ranges, deriver)
     writes = apply_plan(result.plan, kernel, log or NullLog()) if not result.plan.empty else 0
     return Result(result.observed, result.desired, result.actual, result.plan, writes)
 

@@ -138,16 +138,29 @@ class Nft:
             )
             return
         if update.replace:
-            self._cmd(replace_commands(desired), f"replace table {NFT_FAMILY} {NFT_TABLE}")
+            what = f"replace table {NFT_FAMILY} {NFT_TABLE}"
+            if _needs_text(desired.chains):
+                self._script(replace_script(desired), what)
+                return
+            self._cmd(replace_commands(desired), what)
+            return
+        chains = [c for c in (desired.chain(name) for name in update.chains) if c is not None]
+        what = f"refill chains {', '.join(update.chains)}"
+        if _needs_text(chains):
+            self._script("".join(f"flush chain {NFT_FAMILY} {NFT_TABLE} {c.name}\n" + _rule_lines(c)
+                                 for c in chains), what)
             return
         cmds: list[dict[str, Any]] = []
-        for name in update.chains:
-            chain = desired.chain(name)
-            if chain is None:
-                continue
-            cmds.append({"flush": {"chain": {**_chain_id(name)}}})
+        for chain in chains:
+            cmds.append({"flush": {"chain": {**_chain_id(chain.name)}}})
             cmds.extend(_rule_cmds(chain))
-        self._cmd(cmds, f"refill chains {', '.join(update.chains)}")
+        self._cmd(cmds, what)
+
+    def _script(self, script: str, what: str) -> None:
+        """One transaction in nft's own syntax (see :func:`_needs_text`)."""
+        rc, _out, err = self.nft.cmd(script)
+        if rc != 0:
+            raise _error(what, str(err))
 
 
 class _Generation:
@@ -218,6 +231,38 @@ def replace_commands(table: NftTable) -> list[dict[str, Any]]:
     for chain in table.chains:
         cmds.extend(_rule_cmds(chain))
     return cmds
+
+
+def _needs_text(chains: Any) -> bool:
+    """True when a rule cannot go through libnftables' JSON input.
+
+    The JSON parser of nftables 1.0.6 (Debian 12) rejects ``socket cgroupv2``
+    ("Invalid socket key value") although the text parser and the kernel
+    support it; a table with a cgroup policy is therefore written as an nft
+    script, still one transaction.
+    """
+    return any('"cgroupv2"' in rule.expr_json for chain in chains for rule in chain.rules)
+
+
+def _rule_lines(chain: NftChain) -> str:
+    return "".join(
+        f'add rule {NFT_FAMILY} {NFT_TABLE} {chain.name} {rule.text} comment "{rule.comment}"\n'
+        for rule in chain.rules
+    )
+
+
+def replace_script(table: NftTable) -> str:
+    """:func:`replace_commands` in nft's text syntax."""
+    t = f"{NFT_FAMILY} {NFT_TABLE}"
+    lines = [f"add table {t}\n", f"delete table {t}\n", f"add table {t}\n"]
+    for chain in table.chains:
+        spec = ""
+        if chain.base:
+            b = chain.base
+            spec = f" {{ type {b.type} hook {b.hook} priority {b.prio}; policy {b.policy}; }}"
+        lines.append(f"add chain {t} {chain.name}{spec}\n")
+    lines += [_rule_lines(chain) for chain in table.chains]
+    return "".join(lines)
 
 
 def parse_table(data: dict[str, Any]) -> NftTable:
