@@ -38,6 +38,9 @@ from .status import document, run_dir, write_atomic
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 SETTLE = 0.002  # let a burst of events land before a pass starts
+#: health figures in the status file (last round, RTT, loss) are at most this
+#: old; verdict changes are published at once by the pass they trigger
+STATUS_REFRESH = 1.0
 
 
 # ------------------------------------------------------------------ systemd
@@ -187,10 +190,11 @@ class Daemon:
         self._sockets: dict[str, socket.socket] = {}
         self._watch: ConfigWatch | None = None
         self._reload_timer: asyncio.TimerHandle | None = None
+        self._refresh: asyncio.TimerHandle | None = None
         self.interest: Any = None
         from .monitor import Monitor
 
-        self.monitor = Monitor(log, self._on_health)
+        self.monitor = Monitor(log, self._on_health, self._on_round)
         self.monitor.configure(config)
 
     # ------------------------------------------------------------ requests
@@ -205,6 +209,15 @@ class Daemon:
     def _on_health(self, name: str, health: Health) -> None:
         self.health[name] = health
         self.request(f"health check: {name} {'up' if health.up else 'down'}")
+
+    def _on_round(self) -> None:
+        """A probe round ended: refresh the published figures, at most once per STATUS_REFRESH."""
+        if self._refresh is None:
+            self._refresh = asyncio.get_running_loop().call_later(STATUS_REFRESH, self._refreshed)
+
+    def _refreshed(self) -> None:
+        self._refresh = None
+        self._publish()
 
     # ------------------------------------------------------------ event sources
 
@@ -506,6 +519,9 @@ class Daemon:
     async def _stop(self) -> int:
         self.notify(STOPPING="1", STATUS="stopping")
         await self.monitor.close()
+        if self._refresh is not None:  # or it would write the status file again after it is removed
+            self._refresh.cancel()
+            self._refresh = None
         loop = asyncio.get_running_loop()
         if self.config.settings.on_stop == "flush":
             try:
@@ -560,5 +576,6 @@ def run(config_path: str, log_mode: str = "auto") -> int:
         return asyncio.run(_main(config_path, config, log))
     except (PermissionDenied, Unsupported) as exc:
         print(f"markrouted: {exc}", file=sys.stderr)
-        log.error("cannot start", error=str(exc))
+        if log_mode != "console":  # on the console the line above is the message; once is enough
+            log.error("cannot start", error=str(exc))
         return 1

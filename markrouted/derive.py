@@ -67,6 +67,12 @@ RTN_UNICAST = 1
 UNREACHABLE_METRIC = 0xFFFFFFFF - 1
 V6_DEFAULT_METRIC = 1024
 
+#: An empty chain named after the rule_priority in force records, in the
+#: kernel, which priority range markrouted's rules occupy: after the setting
+#: changes, the rules of the old range are still recognised as markrouted's
+#: (tag AND recorded range) and removed, by ``apply`` as by the daemon.
+RANGE_CHAIN = "rule_priority_"
+
 PRIO_SUPPRESS = 0
 PRIO_FWMARK = 100
 PRIO_SOURCE = 200
@@ -402,6 +408,7 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
         chains.append(NftChain(f"restore_{u.name}", None, (_rule(f"restore {u.name}", [meta_set]),)))
         chains.append(NftChain(f"in_{u.name}", None, (_rule(f"inbound {u.name}", [ct_set]),)))
 
+    chains.append(NftChain(f"{RANGE_CHAIN}{s.rule_priority}", None, ()))
     targets: dict[tuple[object, ...], str] = {}
     first: dict[str, Policy] = {}
     for policy in config.policies:

@@ -48,9 +48,11 @@ class _Checked:
 
 
 class Monitor:
-    def __init__(self, log: Any, on_change: Callable[[str, Health], None]) -> None:
+    def __init__(self, log: Any, on_change: Callable[[str, Health], None],
+                 on_round: Callable[[], None] | None = None) -> None:
         self.log = log
         self.on_change = on_change
+        self.on_round = on_round  # after every round: the figures (RTT, loss) changed
         self.checked: dict[str, _Checked] = {}
         self.mask = 0
 
@@ -143,6 +145,8 @@ class Monitor:
                 results = await asyncio.gather(*(self._probe(c, status, t) for t in targets))
                 if c.machine.round(tuple(results), time.time()):
                     self._report(c)
+                elif self.on_round is not None:
+                    self.on_round()
                 next_at += c.check.interval
                 now = loop.time()
                 if next_at < now:  # fell behind (suspended?): do not burst to catch up

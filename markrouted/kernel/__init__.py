@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from ..config import Config
+from ..derive import RANGE_CHAIN
 from ..model import Actual, NftTable, NftUpdate, Observed, Route, Rule
 from .errors import KernelError, PermissionDenied, Unsupported
 
@@ -32,6 +33,15 @@ class KernelAPI(Protocol):
     def del_rule(self, rule: Rule) -> bool: ...
     def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None: ...
     def close(self) -> None: ...
+
+
+def recorded_ranges(table: NftTable | None) -> set[int]:
+    """The rule_priority values the installed nft table records (see derive.RANGE_CHAIN)."""
+    out = set()
+    for chain in table.chains if table else ():
+        if chain.name.startswith(RANGE_CHAIN) and chain.name[len(RANGE_CHAIN):].isdigit():
+            out.add(int(chain.name[len(RANGE_CHAIN):]))
+    return out
 
 
 def cgroup_layout(root: str = CGROUP_ROOT) -> str | None:
@@ -109,13 +119,13 @@ class Kernel:
 
     def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual:
         """What markrouted owns; ``extra_ranges``: previous rule_priority values still owned."""
-        rules: set[Rule] = set()
-        for lo in {config.settings.rule_priority, *extra_ranges}:
-            rules.update(self.netlink.rules(lo, lo + 999))
         if self.nft_cached:
             nft = self._nft_cache
         else:
             nft = self.nft.read()
+        rules: set[Rule] = set()
+        for lo in {config.settings.rule_priority, *extra_ranges, *recorded_ranges(nft)}:
+            rules.update(self.netlink.rules(lo, lo + 999))
         names = {link.index: link.name for link in self.netlink.links()}
         routes = frozenset(
             dataclasses.replace(r, ifname=names.get(r.oif, "")) if r.oif else r for r in self.netlink.routes()

@@ -18,13 +18,26 @@ DROPIN_DIRS = ["/usr/lib/systemd/networkd.conf.d", "/run/systemd/networkd.conf.d
 
 
 def networkd_running(proc: str = "/proc") -> bool:
+    """A systemd-networkd in our network namespace (one elsewhere, say a container's, cannot touch our rules)."""
+    try:
+        ours = os.stat(os.path.join(proc, "self", "ns", "net"))
+    except OSError:
+        ours = None
     for comm in glob.glob(os.path.join(proc, "[0-9]*", "comm")):
         try:
             with open(comm) as f:
-                if f.read().strip() == "systemd-network":
-                    return True
+                if f.read().strip() != "systemd-network":
+                    continue
         except OSError:
             continue
+        if ours is not None:
+            try:
+                theirs = os.stat(os.path.join(os.path.dirname(comm), "ns", "net"))
+            except OSError:
+                return True  # cannot tell (not ours to inspect): assume the worst
+            if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+                continue
+        return True
     return False
 
 

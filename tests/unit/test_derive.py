@@ -748,7 +748,7 @@ def test_chains_and_hooks() -> None:
     assert [(c.name, c.base and (c.base.type, c.base.hook, c.base.prio)) for c in state.nft.chains] == [
         ("set_wan1", None), ("restore_wan1", None), ("in_wan1", None),
         ("set_wan2", None), ("restore_wan2", None), ("in_wan2", None),
-        ("pick_0", None),
+        ("rule_priority_10000", None), ("pick_0", None),
         ("prerouting", ("filter", "prerouting", -150)),
         ("output", ("route", "output", -150)),
         ("postrouting", ("nat", "postrouting", 100)),

@@ -1,0 +1,1 @@
+"""The kernel tier: the real CLI against the real kernel, in network namespaces."""

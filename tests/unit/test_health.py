@@ -1,0 +1,413 @@
+"""The health state machine (markrouted.health) and the check's config errors.
+
+Rounds are written as strings, one character per round: ``+`` a good round,
+``-`` a failed one. Expected verdicts are strings too, one character per round:
+``P`` pending (no verdict yet, the uplink does not carry traffic), ``U`` up,
+``D`` down. No sockets and no clock: time is the round's index.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from markrouted.config import Check, ConfigError, parse
+from markrouted.health import HISTORY, TargetResult, UplinkHealth
+
+ROOT = Path(__file__).resolve().parents[2]
+T1, T2 = "192.0.2.1", "2001:db8::1"
+
+
+def check(down_after: int = 3, up_after: int = 3, success: str = "any", targets: tuple[str, ...] = (T1,)) -> Check:
+    return Check(
+        targets=tuple(ipaddress.ip_address(t) for t in targets),
+        interval=0.2,
+        timeout=0.2,
+        down_after=down_after,
+        up_after=up_after,
+        success=success,
+    )
+
+
+def result(ok: bool, target: str = T1) -> tuple[TargetResult, ...]:
+    """One round of one target."""
+    if ok:
+        return (TargetResult(target, True, rtt=0.0015),)
+    return (TargetResult(target, False, error="no answer in 0.2s"),)
+
+
+def verdict(m: UplinkHealth) -> str:
+    return "P" if m.pending else "U" if m.up else "D"
+
+
+def feed(m: UplinkHealth, rounds: str, start: int = 0) -> tuple[str, list[int]]:
+    """Feed ``rounds``; the verdict after each, and the indexes where round() said "changed"."""
+    seen, changed = "", []
+    for i, c in enumerate(rounds, start):
+        if m.round(result(c == "+"), float(i)):
+            changed.append(i)
+        seen += verdict(m)
+    return seen, changed
+
+
+# ------------------------------------------------------------------ consecutive rounds
+
+
+ROUND_CASES = [
+    # rounds, down_after, up_after, verdicts
+    pytest.param("+", 3, 3, "U", id="first-good-round-brings-it-up"),
+    pytest.param("-+", 3, 3, "PU", id="pending-one-failure-then-good"),
+    pytest.param("---", 3, 3, "PPD", id="unreachable-from-start-down-after-down_after"),
+    pytest.param("-" * 12, 3, 3, "PPD" + "D" * 9, id="unreachable-stays-down"),
+    pytest.param("+--", 3, 3, "UUU", id="two-failures-are-not-enough"),
+    pytest.param("+---", 3, 3, "UUUD", id="down_after-failures-take-it-down"),
+    pytest.param("+--+--+--+", 3, 3, "U" * 10, id="failures-must-be-consecutive"),
+    pytest.param("+---++", 3, 3, "UUUDDD", id="two-good-rounds-are-not-enough"),
+    pytest.param("+---+++", 3, 3, "UUUDDDU", id="up_after-good-rounds-bring-it-up"),
+    pytest.param("+---++-+++", 3, 3, "UUUDDDDDDU", id="good-rounds-must-be-consecutive"),
+    pytest.param("+-", 1, 1, "UD", id="down_after-1"),
+    pytest.param("+-+-+", 1, 1, "UDUDU", id="both-1-follow-every-round"),
+    pytest.param("+-----", 5, 2, "UUUUUD", id="down_after-5"),
+    pytest.param("+-++", 1, 2, "UDDU", id="asymmetric"),
+    pytest.param("---+", 3, 3, "PPDD", id="after-a-start-verdict-of-down-up_after-applies"),
+    pytest.param("---+++", 3, 3, "PPDDDU", id="unreachable-then-reachable"),
+]
+
+
+@pytest.mark.parametrize(("rounds", "down_after", "up_after", "expected"), ROUND_CASES)
+def test_rounds(rounds: str, down_after: int, up_after: int, expected: str) -> None:
+    m = UplinkHealth(check(down_after, up_after))
+    seen, _ = feed(m, rounds)
+    assert seen == expected
+
+
+@pytest.mark.parametrize(("rounds", "down_after", "up_after", "expected"), ROUND_CASES)
+def test_changed_is_reported_exactly_at_transitions(rounds: str, down_after: int, up_after: int,
+                                                    expected: str) -> None:
+    """round() says True on the first verdict and on every change, never otherwise."""
+    m = UplinkHealth(check(down_after, up_after))
+    _, changed = feed(m, rounds)
+    states = "P" + expected
+    assert changed == [i for i in range(len(expected)) if states[i + 1] != states[i]]
+
+
+def test_since_moves_only_on_transitions() -> None:
+    m = UplinkHealth(check(), since=-1.0)
+    feed(m, "+--")
+    assert m.since == 0.0  # pending -> up at round 0
+    feed(m, "-++", start=3)
+    assert m.since == 3.0  # down at round 3, the later good rounds change nothing
+    feed(m, "+", start=6)
+    assert m.since == 6.0
+
+
+def test_unreachable_from_start_says_why() -> None:
+    m = UplinkHealth(check(targets=(T1, T2)))
+    failed = (TargetResult(T1, False, error="no answer in 0.2s"), TargetResult(T2, False, error="Network is unreachable"))
+    assert not m.round(failed, 1.0)
+    assert not m.round(failed, 2.0)
+    assert m.reason == "health check: waiting for the first probe round"
+    assert m.round(failed, 3.0)  # the first verdict: down
+    assert (m.up, m.pending) == (False, False)
+    assert m.reason == (
+        "health check: 3 failed rounds (192.0.2.1: no answer in 0.2s; 2001:db8::1: Network is unreachable)")
+    for t in range(4, 50):
+        assert not m.round(failed, float(t))
+    assert not m.up
+    assert m.reason.startswith("health check: 49 failed rounds (192.0.2.1: no answer in 0.2s;")
+
+
+def test_failure_reason_names_at_most_three_targets() -> None:
+    targets = tuple(f"192.0.2.{i}" for i in range(1, 6))
+    m = UplinkHealth(check(down_after=1, targets=targets))
+    m.round(tuple(TargetResult(t, False) for t in targets), 0.0)
+    assert m.reason == "health check: 1 failed rounds (192.0.2.1: no answer; 192.0.2.2: no answer; 192.0.2.3: no answer)"
+
+
+def test_up_reason_counts_answering_targets() -> None:
+    m = UplinkHealth(check(targets=(T1, T2)))
+    m.round((TargetResult(T1, True, rtt=0.001), TargetResult(T2, False)), 0.0)
+    assert m.reason == "health check: 1/2 targets answer"
+
+
+# ------------------------------------------------------------------ hysteresis
+
+
+@pytest.mark.parametrize(("down_after", "up_after"), [(1, 1), (2, 2), (3, 3), (3, 1), (1, 4), (5, 2)])
+def test_alternating_line_does_not_flap(down_after: int, up_after: int) -> None:
+    """Every other probe lost: the verdict never changes once given (unless a count is 1)."""
+    m = UplinkHealth(check(down_after, up_after))
+    seen, changed = feed(m, "+-" * 30)
+    if down_after > 1 and up_after > 1:
+        assert changed == [0] and set(seen) == {"U"}
+    elif down_after == 1 and up_after == 1:
+        assert len(changed) == 60  # the configuration asked for it: it follows every round
+    elif down_after == 1:
+        assert seen[1:] == "D" * 59  # down at once, never up_after good rounds in a row again
+    else:
+        assert set(seen) == {"U"}
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize(("down_after", "up_after"), [(1, 1), (2, 3), (3, 3), (4, 2)])
+def test_hysteresis_invariants_on_random_lines(seed: int, down_after: int, up_after: int) -> None:
+    """On any line: a change needs its full run of rounds behind it, and no full run is missed.
+
+    * a transition to down happens only after ``down_after`` failed rounds in a row,
+      one to up (after the first verdict) only after ``up_after`` good rounds in a row;
+    * conversely, ``down_after`` failures in a row always leave the uplink down and
+      ``up_after`` good rounds in a row always leave it up.
+    Together: no flapping faster than the counts allow, and no outage unnoticed.
+    """
+    rng = random.Random(seed * 1000 + down_after * 10 + up_after)
+    p_good = rng.choice([0.3, 0.5, 0.7, 0.9])
+    rounds = "".join("+" if rng.random() < p_good else "-" for _ in range(300))
+    m = UplinkHealth(check(down_after, up_after))
+    seen, changed = feed(m, rounds)
+    first = changed[0] if changed else None
+    for i in changed:
+        if seen[i] == "D":
+            assert i + 1 >= down_after and rounds[i + 1 - down_after : i + 1] == "-" * down_after, (rounds, i)
+        elif i != first:
+            assert rounds[i + 1 - up_after : i + 1] == "+" * up_after, (rounds, i)
+    for i in range(len(rounds)):
+        if i + 1 >= down_after and rounds[i + 1 - down_after : i + 1] == "-" * down_after:
+            assert seen[i] == "D", (rounds, i)
+        if i + 1 >= up_after and rounds[i + 1 - up_after : i + 1] == "+" * up_after:
+            assert seen[i] == "U", (rounds, i)
+    # a state between two changes lasts at least as many rounds as the next change needs
+    for a, b in zip(changed[1:], changed[2:]):
+        assert b - a >= (down_after if seen[b] == "D" else up_after)
+
+
+# ------------------------------------------------------------------ any / all
+
+
+def two(a: bool, b: bool) -> tuple[TargetResult, ...]:
+    return (
+        TargetResult(T1, a, rtt=0.001 if a else None, error=None if a else "no answer in 0.2s"),
+        TargetResult(T2, b, rtt=0.002 if b else None, error=None if b else "no answer in 0.2s"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("success", "results", "good"),
+    [
+        ("any", (True, True), True),
+        ("any", (True, False), True),
+        ("any", (False, True), True),
+        ("any", (False, False), False),
+        ("all", (True, True), True),
+        ("all", (True, False), False),
+        ("all", (False, True), False),
+        ("all", (False, False), False),
+    ],
+)
+def test_success_any_or_all(success: str, results: tuple[bool, bool], good: bool) -> None:
+    m = UplinkHealth(check(down_after=1, up_after=1, success=success, targets=(T1, T2)))
+    m.round(two(*results), 0.0)
+    assert m.up is good
+    assert list(m.history) == [good]
+
+
+def test_success_all_goes_down_when_one_target_keeps_failing() -> None:
+    m_any = UplinkHealth(check(success="any", targets=(T1, T2)))
+    m_all = UplinkHealth(check(success="all", targets=(T1, T2)))
+    for m in (m_any, m_all):
+        m.round(two(True, True), 0.0)
+        for t in range(1, 4):
+            m.round(two(True, False), float(t))
+    assert m_any.up and m_any.reason == "health check: 2/2 targets answer"
+    assert not m_all.up
+    assert m_all.reason == "health check: 3 failed rounds (2001:db8::1: no answer in 0.2s)"
+
+
+def test_default_success_is_any() -> None:
+    assert Check(targets=()).success == "any"
+    config = parse('[uplinks.w]\ninterface = "eth0"\ntable = 101\nmark = 1\n'
+                   '[uplinks.w.check]\ntargets = ["192.0.2.1"]\n')
+    assert config.uplinks[0].check is not None and config.uplinks[0].check.success == "any"
+
+
+# ------------------------------------------------------------------ the link
+
+
+def test_link_lost_takes_it_down_at_once_and_it_must_earn_its_way_back() -> None:
+    m = UplinkHealth(check(down_after=3, up_after=3))
+    feed(m, "++")
+    assert m.up
+    assert m.link_lost(10.0, "no carrier") is True
+    assert (m.up, m.pending, m.since) == (False, False, 10.0)
+    assert m.reason == "health check: suspended (no carrier)"
+    m.link_back()
+    assert m.link_ok
+    seen, changed = feed(m, "++-+++", start=11)
+    assert seen == "DDDDDU"  # a failure in between restarts the count
+    assert changed == [16]
+    assert m.since == 16.0
+
+
+def test_link_lost_while_pending_needs_up_after_rounds_too() -> None:
+    """A link lost before the first verdict: when it returns, the first good round is not enough."""
+    m = UplinkHealth(check(up_after=2))
+    assert m.link_lost(1.0, "no carrier") is False  # it was not carrying traffic: no transition
+    assert not m.pending and not m.up
+    m.link_back()
+    seen, _ = feed(m, "++")
+    assert seen == "DU"
+
+
+def test_link_lost_when_already_down_is_no_transition() -> None:
+    m = UplinkHealth(check(down_after=1))
+    feed(m, "+-")
+    since = m.since
+    assert m.link_lost(5.0, "link is administratively down") is False
+    assert m.since == since
+    assert m.reason == "health check: suspended (link is administratively down)"
+
+
+def test_link_lost_resets_a_recovery_in_progress() -> None:
+    m = UplinkHealth(check(down_after=1, up_after=3))
+    feed(m, "+-++")  # down, then two of the three good rounds
+    m.link_lost(5.0, "no carrier")
+    m.link_back()
+    seen, _ = feed(m, "+++", start=6)
+    assert seen == "DDU"
+
+
+def test_link_back_forgets_failures_from_before() -> None:
+    m = UplinkHealth(check(down_after=3))
+    feed(m, "+--")  # two failures: still up
+    m.link_lost(3.0, "no carrier")
+    m.link_back()
+    assert m.bad == 0
+
+
+# ------------------------------------------------------------------ loss and the document
+
+
+def test_loss_over_recent_rounds() -> None:
+    m = UplinkHealth(check(down_after=100))
+    assert m.loss == 0.0
+    feed(m, "+-+-")
+    assert m.loss == 0.5
+    feed(m, "+" * HISTORY)  # the old rounds fall out of the window
+    assert m.loss == 0.0
+    assert len(m.history) == HISTORY
+    feed(m, "-" * 5)
+    assert m.loss == pytest.approx(5 / HISTORY)
+    assert m.document()["loss"] == round(5 / HISTORY, 3)
+    assert m.document()["rounds"] == HISTORY
+
+
+def test_document() -> None:
+    m = UplinkHealth(check(targets=(T1, T2)), since=100.0)
+    doc = m.document()
+    assert doc == {
+        "up": False,
+        "pending": True,
+        "reason": "health check: waiting for the first probe round",
+        "since": 100.0,
+        "loss": 0.0,
+        "rounds": 0,
+        "targets": {},
+    }
+    m.round((TargetResult(T1, True, rtt=0.012345), TargetResult(T2, False, error="no answer in 0.2s")), 101.0)
+    assert m.document() == {
+        "up": True,
+        "pending": False,
+        "reason": "health check: 1/2 targets answer",
+        "since": 101.0,
+        "loss": 0.0,
+        "rounds": 1,
+        "targets": {
+            T1: {"ok": True, "rtt_ms": 12.35, "error": None},
+            T2: {"ok": False, "rtt_ms": None, "error": "no answer in 0.2s"},
+        },
+    }
+
+
+# ------------------------------------------------------------------ config errors
+
+BASE = '[uplinks.wan1]\ninterface = "eth0"\ntable = 101\nmark = 1\n[uplinks.wan1.check]\ntargets = ["192.0.2.1"]\n'
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        pytest.param('interval = "200ms"\ntimeout = "300ms"\n',
+                     ["uplinks.wan1.check.timeout: 300ms is longer than interval 200ms"], id="interval-under-timeout"),
+        pytest.param('interval = "100ms"\n', ["uplinks.wan1.check.timeout: 1s is longer than interval 100ms"],
+                     id="interval-under-default-timeout"),
+        pytest.param('interval = "-1s"\n', ["uplinks.wan1.check.interval: -1s must be greater than 0"],
+                     id="interval-negative"),
+        pytest.param('interval = "0s"\n', ["uplinks.wan1.check.interval: 0s must be greater than 0"],
+                     id="interval-zero"),
+        pytest.param('timeout = "0ms"\n', ["uplinks.wan1.check.timeout: 0ms must be greater than 0"],
+                     id="timeout-zero"),
+        pytest.param("down_after = -1\n", ["uplinks.wan1.check.down_after: -1 is less than 1"],
+                     id="down_after-negative"),
+        pytest.param("up_after = 0\n", ["uplinks.wan1.check.up_after: 0 is less than 1"], id="up_after-zero"),
+        pytest.param("up_after = -3\n", ["uplinks.wan1.check.up_after: -3 is less than 1"], id="up_after-negative"),
+        pytest.param("down_after = 0\nup_after = 0\n",
+                     ["uplinks.wan1.check.down_after: 0 is less than 1",
+                      "uplinks.wan1.check.up_after: 0 is less than 1"], id="both-zero"),
+        pytest.param("down_after = 2.5\n", ["uplinks.wan1.check.down_after: expected an integer, got float"],
+                     id="down_after-float"),
+        pytest.param("up_after = true\n", ["uplinks.wan1.check.up_after: expected an integer, got boolean"],
+                     id="up_after-bool"),
+        pytest.param('method = "tcp"\n', ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "tcp"'],
+                     id="method-tcp-without-port"),
+        pytest.param('method = "tcp:ssh"\n',
+                     ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "tcp:ssh"'],
+                     id="method-port-name"),
+        pytest.param('method = "ICMP"\n', ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "ICMP"'],
+                     id="method-case"),
+        pytest.param("method = 22\n", ["uplinks.wan1.check.method: expected a string, got integer"],
+                     id="method-integer"),
+        pytest.param('success = "most"\n', ['uplinks.wan1.check.success: expected "any" or "all", got "most"'],
+                     id="success-unknown"),
+        pytest.param('interval = "2s"\ntimeout = "3s"\nup_after = 0\n',
+                     ["uplinks.wan1.check.up_after: 0 is less than 1",
+                      "uplinks.wan1.check.timeout: 3s is longer than interval 2s"], id="several-at-once"),
+    ],
+)
+def test_check_config_errors(extra: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse(BASE + extra)
+    assert list(info.value.errors) == expected
+
+
+@pytest.mark.parametrize(
+    ("extra", "want"),
+    [
+        ('interval = "1s"\ntimeout = "1s"\n', {"interval": 1.0, "timeout": 1.0}),  # equal is fine
+        ('interval = "200ms"\ntimeout = "200ms"\ndown_after = 3\nup_after = 2\nsuccess = "all"\n',
+         {"interval": 0.2, "timeout": 0.2, "down_after": 3, "up_after": 2, "success": "all"}),
+        ('method = "tcp:443"\n', {"method": "tcp", "port": 443}),
+        ('method = "icmp"\n', {"method": "icmp", "port": None}),
+    ],
+)
+def test_check_config_accepted(extra: str, want: dict[str, object]) -> None:
+    c = parse(BASE + extra).uplinks[0].check
+    assert c is not None
+    assert {k: getattr(c, k) for k in want} == want
+
+
+def test_check_command_prints_the_key_path(tmp_path: Path) -> None:
+    """``markrouted check`` rejects a bad check with one line per error naming the key path, exit 1."""
+    path = tmp_path / "markrouted.toml"
+    path.write_text(BASE + 'interval = "200ms"\ntimeout = "1s"\ndown_after = 0\nmethod = "tcp:0"\n')
+    proc = subprocess.run([sys.executable, "-m", "markrouted", "-c", str(path), "check"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        f"{path}: uplinks.wan1.check.down_after: 0 is less than 1",
+        f"{path}: uplinks.wan1.check.method: port 0 is out of range 1-65535",
+        f"{path}: uplinks.wan1.check.timeout: 1s is longer than interval 200ms",
+    ]
