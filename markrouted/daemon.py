@@ -24,6 +24,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -498,6 +499,9 @@ class Daemon:
             loop.add_reader(self._watch.fd, self._on_config_file)
         except OSError as exc:
             self.log.warning("config file not watched; reload with SIGHUP", error=str(exc))
+        # nf_tables names the thread that wrote; ours writes from the worker
+        worker = await loop.run_in_executor(self.executor, threading.get_native_id)
+        self._nft_watch.also_own.add(worker)
         self._update_interest()
         self.request("start", full=True)
         tasks = [asyncio.create_task(self._reconcile_loop()), asyncio.create_task(self._resync_loop())]

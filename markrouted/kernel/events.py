@@ -131,12 +131,14 @@ class NftWatch:
     """Follows nf_tables transactions; reports those that touched our table and were not ours.
 
     Every object message names its table in attribute 1; a transaction ends
-    with NEWGEN carrying the pid of the process that made it. Our own writes
-    are recognised by that pid and ignored.
+    with NEWGEN carrying the id of the task (thread) that made it. Our own
+    writes are recognised by that id and ignored: the process's pid and the
+    thread ids the daemon registers in ``also_own`` (its kernel worker).
     """
 
     own_pid: int = field(default_factory=os.getpid)
     touched: bool = False
+    also_own: set[int] = field(default_factory=set)
 
     def feed(self, data: bytes) -> list[Event]:
         out = []
@@ -151,7 +153,7 @@ class NftWatch:
             if kind == NFT_MSG_NEWGEN:
                 raw = attrs.get(NFTA_GEN_PROC_PID)
                 pid = struct.unpack(">I", raw[:4])[0] if raw and len(raw) >= 4 else -1
-                if self.touched and pid != self.own_pid:
+                if self.touched and pid != self.own_pid and pid not in self.also_own:
                     out.append(Event("nft", f"table inet {NFT_TABLE} changed by pid {pid}"))
                 self.touched = False
                 continue

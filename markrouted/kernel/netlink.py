@@ -21,6 +21,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from ..model import (
+    MAIN_TABLE,
     AF_INET,
     AF_INET6,
     FAMILIES,
@@ -33,6 +34,7 @@ from ..model import (
     Rule,
 )
 from .errors import KernelError, PermissionDenied
+from .rtdump import Dumper, RawRoute
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
@@ -59,16 +61,12 @@ def _attr(msg: Any, name: str, default: Any = None) -> Any:
 
 
 class Netlink:
-    """A thin, typed face over rtnetlink sockets in the current namespace.
+    """A thin, typed face over rtnetlink in the current namespace.
 
-    ``ipr`` carries every request. ``dumps`` serves the route dumps that can be
-    filtered by table or protocol: with strict checking the kernel itself sends
-    only the matching routes, and decoding the messages is most of what a dump
-    costs in pyroute2 (a reconcile with 16 uplinks spent more time decoding the
-    local table's routes than anything else it read). It is a socket of its own
-    so that strict checking changes no other request; where it cannot be had,
-    ``ipr`` serves, unfiltered. Every caller still checks every message, so the
-    kernel's filter only ever saves work.
+    ``ipr`` (pyroute2) carries every write and the route lookups of explain.
+    Reads are the hot path of every reconcile and go through ``rtdump``: only
+    the fields markrouted uses are decoded, and with strict checking the kernel
+    itself sends only the routes of one protocol or one table.
     """
 
     def __init__(self) -> None:
@@ -76,136 +74,92 @@ class Netlink:
             self.ipr = IPRoute()
         except OSError as exc:
             raise KernelError(f"cannot open a netlink socket: {exc}") from exc
-        self.dumps: Any = self.ipr
-        try:
-            self.dumps = IPRoute(strict_check=True)
-        except (OSError, NetlinkError):
-            pass
+        self.dumper = Dumper()
 
     def close(self) -> None:
-        if self.dumps is not self.ipr:
-            self.dumps.close()
+        self.dumper.close()
         self.ipr.close()
 
     # ---------------------------------------------------------------- reading
 
     def links(self) -> list[Link]:
+        return [
+            Link(index=index, name=name, up=bool(flags & IFF_UP), carrier=bool(flags & IFF_LOWER_UP))
+            for index, name, flags in self.dumper.links()
+        ]
+
+    def addresses(self) -> list[Address]:
         out = []
-        with _translate("dump links"):
-            for msg in self.ipr.get_links():
-                flags = msg["flags"]
+        for family in FAMILIES:
+            for index, address, prefixlen, flags in self.dumper.addresses(family):
+                ip = ipaddress.ip_address(address)
                 out.append(
-                    Link(
-                        index=msg["index"],
-                        name=_attr(msg, "IFLA_IFNAME", ""),
-                        up=bool(flags & IFF_UP),
-                        carrier=bool(flags & IFF_LOWER_UP),
+                    Address(
+                        index=index,
+                        family=family,
+                        address=str(ip),
+                        prefixlen=prefixlen,
+                        link_local=ip.is_link_local or ip.is_loopback,
+                        tentative=bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)),
                     )
                 )
         return out
 
-    def addresses(self) -> list[Address]:
-        out = []
-        with _translate("dump addresses"):
-            for family in FAMILIES:
-                for msg in self.ipr.get_addr(family=family):
-                    addr = _attr(msg, "IFA_LOCAL") or _attr(msg, "IFA_ADDRESS")
-                    if addr is None:
-                        continue
-                    flags = _attr(msg, "IFA_FLAGS", msg["flags"])
-                    ip = ipaddress.ip_address(addr)
-                    out.append(
-                        Address(
-                            index=msg["index"],
-                            family=family,
-                            address=str(ip),
-                            prefixlen=msg["prefixlen"],
-                            link_local=ip.is_link_local or ip.is_loopback,
-                            tentative=bool(flags & (IFA_F_TENTATIVE | IFA_F_DADFAILED)),
-                        )
-                    )
-        return out
-
     def main_defaults(self) -> list[MainDefault]:
         out = []
-        with _translate("dump main table"):
-            for family in FAMILIES:
-                for msg in self.dumps.get_routes(family=family, table=254):
-                    if msg["dst_len"] != 0 or msg["type"] != 1:
-                        continue
-                    if _attr(msg, "RTA_TABLE", msg["table"]) != 254:
-                        continue
-                    metric = _attr(msg, "RTA_PRIORITY", 0)
-                    mp = _attr(msg, "RTA_MULTIPATH")
-                    if mp:
-                        for hop in mp:
-                            gw = hop.get_attr("RTA_GATEWAY")
-                            out.append(MainDefault(family, hop["oif"], gw, metric))
-                        continue
-                    oif = _attr(msg, "RTA_OIF")
-                    if oif is None:
-                        continue
-                    out.append(MainDefault(family, oif, _attr(msg, "RTA_GATEWAY"), metric))
+        for family in FAMILIES:
+            for r in self.dumper.routes(family, table=MAIN_TABLE):
+                if r.dst_len != 0 or r.type != 1:
+                    continue
+                if r.nexthops:
+                    out.extend(MainDefault(family, oif, gw, r.priority) for oif, gw in r.nexthops)
+                elif r.oif is not None:
+                    out.append(MainDefault(family, r.oif, r.gateway, r.priority))
         return out
 
     def rules(self, lo: int | None = None, hi: int | None = None, owned: bool = True) -> list[Rule]:
         """markrouted's rules: its proto tag AND a priority in [lo, hi]."""
         out = []
-        with _translate("dump rules"):
-            for family in FAMILIES:
-                for msg in self.ipr.get_rules(family=family):
-                    if owned and _attr(msg, "FRA_PROTOCOL", 0) != RTPROT_MARKROUTED:
-                        continue
-                    prio = _attr(msg, "FRA_PRIORITY", 0)
-                    if lo is not None and hi is not None and not lo <= prio <= hi:
-                        continue
-                    out.append(
-                        Rule(
-                            family=family,
-                            priority=prio,
-                            table=_attr(msg, "FRA_TABLE", msg["table"]),
-                            fwmark=_attr(msg, "FRA_FWMARK", 0),
-                            fwmask=_attr(msg, "FRA_FWMASK", 0) if _attr(msg, "FRA_FWMARK") is not None else 0,
-                            src=_attr(msg, "FRA_SRC"),
-                            src_len=msg["src_len"],
-                            suppress_prefixlength=_attr(msg, "FRA_SUPPRESS_PREFIXLEN", SUPPRESS_UNSET),
-                        )
+        for family in FAMILIES:
+            for r in self.dumper.rules(family):
+                if owned and r.protocol != RTPROT_MARKROUTED:
+                    continue
+                if lo is not None and hi is not None and not lo <= r.priority <= hi:
+                    continue
+                out.append(
+                    Rule(
+                        family=family,
+                        priority=r.priority,
+                        table=r.table,
+                        fwmark=r.fwmark or 0,
+                        fwmask=(r.fwmask or 0) if r.fwmark is not None else 0,
+                        src=r.src,
+                        src_len=r.src_len,
+                        suppress_prefixlength=r.suppress_prefixlength,
                     )
+                )
         return out
 
     def foreign_rules(self) -> list[tuple[int, int, int, int, int]]:
         """Every rule not tagged as markrouted's: (family, priority, table, fwmark, fwmask)."""
-        out = []
-        with _translate("dump rules"):
-            for family in FAMILIES:
-                for msg in self.ipr.get_rules(family=family):
-                    if _attr(msg, "FRA_PROTOCOL", 0) == RTPROT_MARKROUTED:
-                        continue
-                    out.append(
-                        (
-                            family,
-                            _attr(msg, "FRA_PRIORITY", 0),
-                            _attr(msg, "FRA_TABLE", msg["table"]),
-                            _attr(msg, "FRA_FWMARK", 0),
-                            _attr(msg, "FRA_FWMASK", 0),
-                        )
-                    )
-        return out
+        return [
+            (family, r.priority, r.table, r.fwmark or 0, r.fwmask or 0)
+            for family in FAMILIES
+            for r in self.dumper.rules(family)
+            if r.protocol != RTPROT_MARKROUTED
+        ]
 
     def routes(self, owned: bool = True) -> list[Route]:
-        """Routes tagged with markrouted's proto, in any table but local/main/default."""
+        """Routes tagged with markrouted's proto (or, owned=False, everyone else's),
+        in any table but local/main/default."""
         out = []
-        with _translate("dump routes"):
-            for family in FAMILIES:
-                dump = (self.dumps.route("dump", family=family, proto=RTPROT_MARKROUTED) if owned
-                        else self.ipr.get_routes(family=family))
-                for msg in dump:
-                    table = _attr(msg, "RTA_TABLE", msg["table"])
-                    if table in RESERVED_TABLES:
-                        continue
-                    if owned != (msg["proto"] == RTPROT_MARKROUTED):
-                        continue
-                    out.append(route_from_msg(family, table, msg))
+        for family in FAMILIES:
+            for r in self.dumper.routes(family, protocol=RTPROT_MARKROUTED if owned else 0):
+                if r.table in RESERVED_TABLES:
+                    continue
+                if owned != (r.protocol == RTPROT_MARKROUTED):
+                    continue
+                out.append(route_from_raw(r))
         return out
 
     # ---------------------------------------------------------------- writing
@@ -274,6 +228,25 @@ class Netlink:
             "oif": _attr(msg, "RTA_OIF"),
             "prefsrc": _attr(msg, "RTA_PREFSRC"),
         }
+
+
+def route_from_raw(r: RawRoute) -> Route:
+    dst = r.dst or ("0.0.0.0" if r.family == AF_INET else "::")
+    net = ipaddress.ip_network(f"{dst}/{r.dst_len}", strict=False)
+    unicast = r.type == 1
+    return Route(
+        family=r.family,
+        table=r.table,
+        dst=str(net),
+        metric=r.priority,
+        # the kernel echoes IPv6 unreachable routes with "dev lo"
+        oif=(r.oif or 0) if unicast else 0,
+        gateway=r.gateway,
+        prefsrc=r.prefsrc,
+        scope=r.scope,
+        onlink=bool(r.flags & RTNH_F_ONLINK),
+        type=r.type,
+    )
 
 
 def route_from_msg(family: int, table: int, msg: Any) -> Route:
