@@ -6,11 +6,12 @@
   agent.py connect ADDR PORT TIMEOUT [SRC]
                                        connect, print the address the server saw; exit 1
                                        when the connection fails
-  agent.py connect-many ADDR PORT COUNT TIMEOUT
+  agent.py connect-many ADDR PORT COUNT TIMEOUT [MAX_FAILURES]
                                        COUNT connections one after the other, one line
                                        each: the address the server saw, or "-" when the
                                        connection failed (one process for hundreds of
-                                       connections: the balance test needs many)
+                                       connections: the balance test needs many); stops
+                                       early after MAX_FAILURES failures
   agent.py hold ADDR PORT TIMEOUT      one long-lived connection: print "PEER LOCALPORT",
                                        then send every line read on stdin and print the
                                        echo (or "error: ..."), until stdin closes
@@ -96,14 +97,18 @@ def connect(addr: str, port: int, timeout: float, src: str | None) -> int:
     return 0
 
 
-def connect_many(addr: str, port: int, count: int, timeout: float) -> int:
+def connect_many(addr: str, port: int, count: int, timeout: float, max_failures: int) -> int:
+    failures = 0
     for _ in range(count):
         try:
             s, peer = _open(addr, port, timeout)
             s.close()
         except OSError:
             peer = "-"
+            failures += 1
         print(peer, flush=True)
+        if failures >= max_failures:
+            break
     return 0
 
 
@@ -131,7 +136,8 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "connect":
         return connect(argv[1], int(argv[2]), float(argv[3]), argv[4] if len(argv) > 4 else None)
     if argv and argv[0] == "connect-many":
-        return connect_many(argv[1], int(argv[2]), int(argv[3]), float(argv[4]))
+        limit = int(argv[5]) if len(argv) > 5 else int(argv[3])
+        return connect_many(argv[1], int(argv[2]), int(argv[3]), float(argv[4]), limit)
     if argv and argv[0] == "hold":
         return hold(argv[1], int(argv[2]), float(argv[3]))
     print(__doc__, file=sys.stderr)

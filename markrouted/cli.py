@@ -284,8 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("explain", parents=[common], help="which policy, mark, table and route a packet gets")
     s.add_argument("--daddr", required=True, help="destination address")
     s.add_argument("--proto", help="tcp, udp, icmp, icmpv6, sctp or a number")
-    s.add_argument("--dport", type=int)
-    s.add_argument("--sport", type=int)
+    s.add_argument("--dport", type=int, help="destination port")
+    s.add_argument("--sport", type=int, help="source port")
     s.add_argument("--saddr", help="source address (required by the kernel with --iif)")
     s.add_argument("--iif", help="the interface a forwarded packet comes in on (omit: generated here)")
     s.add_argument("--uid", type=int, help="owner of the local socket")
@@ -317,6 +317,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"markrouted: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (markrouted plan | head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_ERROR
 
 

@@ -12,13 +12,14 @@ as a whole. Every write is one transaction that happens entirely or not at all:
 Reading back compares chains by their hook and by the comments of their rules;
 each comment carries a digest of the rule (see ``model.NftRule``).
 
-Listing the table is costly when it is large: libnftables fetches every
-anonymous set with a request of its own (about 190 ms for 2,500 rules). The
-kernel counts nftables transactions in a per-namespace generation id, bumped by
-every commit of anyone; a listing is therefore reused for as long as that id,
+Reading is done by ``nftdump`` (two kernel-filtered nfnetlink dumps decoded
+with struct): libnftables lists a table only by fetching and decoding all of
+it, set elements included — hundreds of milliseconds for 2,500 rules. The
+kernel also counts nftables transactions in a per-namespace generation id,
+bumped by every commit of anyone; a reading is reused for as long as that id,
 read afresh on every ``read`` (one netlink round-trip), has not moved. The
 kernel stays the only source of truth: nothing written by markrouted is
-assumed, and any change by anyone makes the next read list the table again.
+assumed, and any change by anyone makes the next read dump the table again.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket
 
 from ..model import NFT_FAMILY, NFT_TABLE, BaseHook, NftChain, NftRule, NftTable, NftUpdate
 from .errors import KernelError, PermissionDenied, Unsupported
+from .nftdump import NftDumper
 
 _T = {"family": NFT_FAMILY, "name": NFT_TABLE}
 
@@ -78,11 +80,15 @@ class Nft:
         self.nft.set_json_output(True)
         self.nft.set_handle_output(False)
         self._gen = _Generation()
+        self._dumper: NftDumper | None = None
         #: (generation id, the table as listed in that generation)
         self._listing: tuple[int, NftTable | None] | None = None
 
     def close(self) -> None:
         self._gen.close()
+        if self._dumper is not None:
+            self._dumper.close()
+            self._dumper = None
 
     def forget(self) -> None:
         """Drop the remembered listing: the next ``read`` lists the table."""
@@ -109,8 +115,9 @@ class Nft:
         gen = self._gen.read()
         if gen is not None and self._listing is not None and self._listing[0] == gen:
             return self._listing[1]
-        data = self.list_json(f"table {NFT_FAMILY} {NFT_TABLE}")
-        table = None if data is None else parse_table(data)
+        if self._dumper is None:
+            self._dumper = NftDumper()
+        table = self._dumper.read(NFT_TABLE)
         # remembered only when no transaction slipped in while listing
         stable = gen is not None and self._gen.read() == gen
         self._listing = (gen, table) if stable and gen is not None else None

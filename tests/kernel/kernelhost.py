@@ -238,6 +238,31 @@ class Monitor:
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self._start("ip", ["ip", "monitor", "rule", "route"])
         self._start("nft", ["nft", "monitor"])
+        self._ready()
+
+    def _ready(self) -> None:
+        """Wait until both monitors are subscribed: a marker written before that is lost.
+
+        A ready-marker is written again every 100 ms until both monitors have
+        printed it; then it is removed and its removal awaited, so the queue
+        holds nothing of it afterwards.
+        """
+        seen = {"ip": False, "nft": False}
+        end = time.monotonic() + 10
+        while not all(seen.values()):
+            if time.monotonic() > end:
+                raise TimeoutError(f"monitors never subscribed: {seen}")
+            self.host.ip("route", "replace", f"{self.MARK_DST}/32", "dev", "lo", "table", self.MARK_TABLE)
+            self.host.sh("nft", "add", "table", "inet", "mrkready")
+            poll_end = time.monotonic() + 0.1
+            while not all(seen.values()) and time.monotonic() < poll_end:
+                try:
+                    tag, line = self.lines.get(timeout=max(0.0, poll_end - time.monotonic()))
+                except queue.Empty:
+                    break
+                if (tag == "ip" and self.MARK_DST in line) or (tag == "nft" and "mrkready" in line):
+                    seen[tag] = True
+        self._marker("delete", "mrkready")
 
     def _start(self, tag: str, cmd: list[str]) -> None:
         proc = subprocess.Popen([*self.host.ns.nsenter(), *cmd], stdout=subprocess.PIPE,

@@ -1,0 +1,149 @@
+"""Reading back ``inet markrouted`` over nfnetlink: chains, hooks and rule comments.
+
+Drift detection compares each chain's hook and the comments of its rules
+(every comment carries a digest of its rule, see ``model.NftRule``); nothing
+else of the table is needed. libnftables can only list a table by fetching
+and decoding all of it, set elements included — over half a second for a
+thousand policies — while these two kernel-filtered dumps, decoded with
+struct, take milliseconds. libnftables stays the tool for every write.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+from ..model import NFT_TABLE, BaseHook, NftChain, NftRule, NftTable
+from .errors import KernelError, PermissionDenied
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 1, 4, 7
+NFPROTO_INET = 1
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+
+NFTA_TABLE_NAME = 1
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE = 1, 3, 4, 5, 7
+NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_USERDATA = 1, 2, 7
+NFTNL_UDATA_RULE_COMMENT = 0
+HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting", 5: "ingress"}
+POLICIES = {0: "drop", 1: "accept"}
+
+_HDR = struct.Struct("=IHHII")
+_NFGEN = struct.Struct("=BBH")
+
+
+def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
+    out: dict[int, bytes] = {}
+    while offset + 4 <= end:
+        length, atype = struct.unpack_from("=HH", data, offset)
+        if length < 4:
+            break
+        out[atype & 0x3FFF] = data[offset + 4 : offset + length]
+        offset += (length + 3) & ~3
+    return out
+
+
+def _str(value: bytes | None) -> str:
+    return value.split(b"\0", 1)[0].decode(errors="replace") if value else ""
+
+
+def _attr_str(atype: int, text: str) -> bytes:
+    raw = text.encode() + b"\0"
+    body = struct.pack("=HH", 4 + len(raw), atype) + raw
+    return body + b"\0" * ((4 - len(body) % 4) % 4)
+
+
+def comment_of(userdata: bytes | None) -> str:
+    """The comment TLV of a rule's userdata (type u8, length u8, NUL-terminated value)."""
+    data = userdata or b""
+    offset = 0
+    while offset + 2 <= len(data):
+        utype, length = data[offset], data[offset + 1]
+        value = data[offset + 2 : offset + 2 + length]
+        if utype == NFTNL_UDATA_RULE_COMMENT:
+            return _str(value)
+        offset += 2 + length
+    return ""
+
+
+class NftDumper:
+    def __init__(self) -> None:
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        except OSError as exc:
+            raise KernelError(f"cannot open an nfnetlink socket: {exc}") from exc
+        self.sock.bind((0, 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.seq = itertools.count(1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _request(self, msg: int, flags: int, attrs: bytes) -> Iterator[bytes]:
+        seq = next(self.seq)
+        body = _NFGEN.pack(NFPROTO_INET, 0, 0) + attrs
+        mtype = (NFNL_SUBSYS_NFTABLES << 8) | msg
+        self.sock.send(_HDR.pack(_HDR.size + len(body), mtype, NLM_F_REQUEST | flags, seq, 0) + body)
+        while True:
+            data = self.sock.recv(1 << 20)
+            offset = 0
+            while offset + _HDR.size <= len(data):
+                length, rtype, _f, rseq, _pid = _HDR.unpack_from(data, offset)
+                if length < _HDR.size:
+                    return
+                item = data[offset : offset + length]
+                offset += (length + 3) & ~3
+                if rseq != seq:
+                    continue
+                if rtype == NLMSG_DONE:
+                    return
+                if rtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", item, _HDR.size)[0]
+                    if code == 0:
+                        return
+                    if code in (errno.EPERM, errno.EACCES):
+                        raise PermissionDenied("nf_tables: permission denied (markrouted needs CAP_NET_ADMIN)")
+                    raise KernelError(f"nf_tables: {os.strerror(code)}", code)
+                yield item
+
+    def read(self, table: str = NFT_TABLE) -> NftTable | None:
+        """The table's chains and rule comments; None when it does not exist."""
+        try:
+            list(self._request(NFT_MSG_GETTABLE, NLM_F_ACK, _attr_str(NFTA_TABLE_NAME, table)))
+        except KernelError as exc:
+            if exc.code == errno.ENOENT:
+                return None
+            raise
+        start = _HDR.size + _NFGEN.size
+        order: list[str] = []
+        bases: dict[str, BaseHook | None] = {}
+        for item in self._request(NFT_MSG_GETCHAIN, NLM_F_DUMP, _attr_str(NFTA_CHAIN_TABLE, table)):
+            a = _attrs(item, start, len(item))
+            if _str(a.get(NFTA_CHAIN_TABLE)) != table:
+                continue
+            name = _str(a.get(NFTA_CHAIN_NAME))
+            base = None
+            if NFTA_CHAIN_HOOK in a:
+                hook = _attrs(a[NFTA_CHAIN_HOOK], 0, len(a[NFTA_CHAIN_HOOK]))
+                num = struct.unpack(">I", hook[NFTA_HOOK_HOOKNUM][:4])[0] if NFTA_HOOK_HOOKNUM in hook else -1
+                prio = struct.unpack(">i", hook[NFTA_HOOK_PRIORITY][:4])[0] if NFTA_HOOK_PRIORITY in hook else 0
+                pol = struct.unpack(">I", a[NFTA_CHAIN_POLICY][:4])[0] if NFTA_CHAIN_POLICY in a else 1
+                base = BaseHook(_str(a.get(NFTA_CHAIN_TYPE)), HOOKS.get(num, str(num)), prio,
+                                POLICIES.get(pol, str(pol)))
+            order.append(name)
+            bases[name] = base
+        rules: dict[str, list[NftRule]] = {name: [] for name in order}
+        for item in self._request(NFT_MSG_GETRULE, NLM_F_DUMP, _attr_str(NFTA_RULE_TABLE, table)):
+            a = _attrs(item, start, len(item))
+            if _str(a.get(NFTA_RULE_TABLE)) != table:
+                continue
+            chain = _str(a.get(NFTA_RULE_CHAIN))
+            rules.setdefault(chain, []).append(NftRule("", "", comment_of(a.get(NFTA_RULE_USERDATA))))
+        return NftTable(tuple(NftChain(n, bases[n], tuple(rules.get(n, ()))) for n in order))

@@ -1,0 +1,1 @@
+"""End-to-end tier: real traffic through the lab of ``lab/topology.py``."""

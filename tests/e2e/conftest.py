@@ -1,0 +1,59 @@
+"""Fixtures of the traffic suite: apply a config to the lab's host.
+
+The suite drives markrouted with ``markrouted apply`` after every change (a
+cut line, a new config): each test is then about where packets go for a given
+kernel state, independent of how fast a daemon notices the change. The
+daemon's own reaction is the daemon tests' business and the demo's.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Iterator
+
+import pytest
+from conftest import missing  # the suite's root conftest
+
+from lab.topology import Lab, lab_config
+from markrouted.kernel import CGROUP_ROOT, cgroup_layout
+
+
+@pytest.fixture
+def apply(lab: Lab, write_config: Callable[..., str]) -> Callable[..., str]:
+    """Write a config for the lab's host and ``markrouted apply`` it; returns its path.
+
+    Called again with the returned path alone, it re-applies that config
+    (after a change of the network, as the daemon would on the event).
+    """
+
+    def go(*policies: str, path: str | None = None, **sections: str) -> str:
+        if path is None:
+            path = write_config(lab_config(*policies, **sections))
+        lab.markrouted("apply", "-q", config=path)
+        return path
+
+    return go
+
+
+@pytest.fixture
+def cgroups() -> Iterator[tuple[str, str, str]]:
+    """Two fresh cgroups v2 (relative paths for the config) and the v2 tree's directory."""
+    layout = cgroup_layout()
+    if layout is None:
+        missing("needs a cgroup v2 hierarchy under /sys/fs/cgroup")
+    base = os.path.join(CGROUP_ROOT, layout) if layout else CGROUP_ROOT
+    tag = secrets.token_hex(3)
+    names = (f"mrtest-{tag}-a.slice", f"mrtest-{tag}-b.slice")
+    made = []
+    try:
+        for name in names:
+            os.mkdir(os.path.join(base, name))
+            made.append(os.path.join(base, name))
+        yield names[0], names[1], base
+    finally:
+        for path in made:
+            try:
+                os.rmdir(path)
+            except OSError:
+                pass  # a process still in it; nothing of ours can be, the test waited for them
