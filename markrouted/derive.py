@@ -349,32 +349,32 @@ def _choose(policy: Policy, usable: Mapping[str, tuple[int, ...]], family: int) 
 
 
 def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[NftRule]:
+    """The current choice of one policy target: one tiny chain, rewritten on failover.
+
+    A weighted split is a cascade, each step taking its share of what is
+    left: ``numgen random mod 4 < 3 goto set_a``, then ``goto set_b`` (3:1).
+    The same probabilities as one verdict map, but no anonymous set, so a
+    failover can rewrite the chain with one small raw batch (kernel/nftraw).
+    """
     per_family = {f: _choose(policy, usable, f) for f in FAMILIES}
 
-    def action(choice: list[tuple[str, int]]) -> list[nx.X] | None:
+    def actions(choice: list[tuple[str, int]]) -> list[list[nx.X]]:
         if not choice:
-            return [nx.verdict("drop")] if policy.fallback == "drop" else None
-        if len(choice) == 1:
-            return [nx.goto(f"set_{choice[0][0]}")]
-        total = sum(w for _, w in choice)
-        entries = []
-        at = 0
-        for name, w in choice:
-            entries.append((nx.value_range(at, at + w - 1), nx.goto(f"set_{name}")))
-            at += w
-        return [nx.vmap(nx.numgen_random(total), entries)]
+            return [[nx.verdict("drop")]] if policy.fallback == "drop" else []
+        out = []
+        left = sum(w for _, w in choice)
+        for name, w in choice[:-1]:
+            out.append([nx.match(nx.numgen_random(left), nx.num(w), "<"), nx.goto(f"set_{name}")])
+            left -= w
+        out.append([nx.goto(f"set_{choice[-1][0]}")])
+        return out
 
-    rules = []
     if per_family[AF_INET] == per_family[AF_INET6]:
-        act = action(per_family[AF_INET])
-        if act:
-            rules.append(_rule("pick", act))
-        return rules
+        return [_rule("pick", parts) for parts in actions(per_family[AF_INET])]
+    rules = []
     for family in FAMILIES:
-        act = action(per_family[family])
-        if act:
-            rules.append(_rule("pick " + family_name(family),
-                               [nx.match(nx.meta("nfproto"), nx.word(family_name(family))), *act]))
+        only = nx.match(nx.meta("nfproto"), nx.word(family_name(family)))
+        rules += [_rule("pick " + family_name(family), [only, *parts]) for parts in actions(per_family[family])]
     return rules
 
 

@@ -4,11 +4,16 @@ One task per checked uplink probes its targets every ``interval`` while the
 uplink is usable at the link level, feeds the rounds to its state machine
 (``health.UplinkHealth``) and reports each verdict change to the daemon, for
 which a transition is one more reason to reconcile.
+
+ICMP rounds run on loop callbacks (:class:`_IcmpRounds`): a timer starts a
+round, the replies and one timeout end it. That is the cheap path the many-
+uplink case needs; the task only owns the rounds' life (cancel, errors).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 import time
 from collections.abc import Callable
@@ -37,6 +42,7 @@ class _Checked:
         self.check = check
         self.machine = UplinkHealth(check, since=time.time())
         self.task: asyncio.Task[None] | None = None
+        self.rounds: _IcmpRounds | None = None  # stopped with the task, at once (its callbacks are queued)
         self.probers: dict[int, IcmpProber] = {}
         self.key: tuple[object, ...] = ()
         self.sources: dict[int, str] = {}
@@ -106,6 +112,11 @@ class Monitor:
         if c.task is not None:
             c.task.cancel()
             c.task = None
+        if c.rounds is not None:
+            # now, not when the task handles its cancellation: a round already
+            # due in this loop iteration would probe with the old probers
+            c.rounds.cancel()
+            c.rounds = None
         c.close_probers()
 
     async def close(self) -> None:
@@ -123,35 +134,49 @@ class Monitor:
             event, uplink=c.uplink.name, reason=m.reason, loss=f"{m.loss:.0%}")
         self.on_change(c.uplink.name, Health(m.up, m.reason))
 
-    async def _probe(self, c: _Checked, status: UplinkStatus, target: str) -> TargetResult:
+    def _after_round(self, c: _Checked, results: tuple[TargetResult, ...]) -> None:
+        if c.machine.round(results, time.time()):
+            self._report(c)
+        elif self.on_round is not None:
+            self.on_round()
+
+    async def _tcp_probe(self, c: _Checked, status: UplinkStatus, target: str) -> TargetResult:
         family = socket.AF_INET6 if ":" in target else socket.AF_INET
         source = c.sources.get(family)
         if source is None:
-            return TargetResult(target, False, error=f"no {'ipv6' if family == socket.AF_INET6 else 'ipv4'} address")
-        if c.check.method == "tcp":
-            assert c.check.port is not None
-            return await tcp_probe(status.interface, status.mark, source, target, c.check.port, c.check.timeout)
-        prober = c.probers.get(family)
-        if prober is None:
-            prober = c.probers[family] = IcmpProber(status.interface, status.mark, source, family)
-        return await prober.probe(target, c.check.timeout)
+            return TargetResult(target, False, error=f"no {_family_name(family)} address")
+        assert c.check.port is not None
+        return await tcp_probe(status.interface, status.mark, source, target, c.check.port, c.check.timeout)
 
-    async def _rounds(self, c: _Checked, status: UplinkStatus) -> None:
+    async def _tcp_rounds(self, c: _Checked, status: UplinkStatus) -> None:
         loop = asyncio.get_running_loop()
         targets = [str(t) for t in c.check.targets]
         next_at = loop.time()
+        while True:
+            results = await asyncio.gather(*(self._tcp_probe(c, status, t) for t in targets))
+            self._after_round(c, tuple(results))
+            next_at += c.check.interval
+            now = loop.time()
+            if next_at < now:  # fell behind (suspended?): do not burst to catch up
+                next_at = now
+            await asyncio.sleep(next_at - now)
+
+    async def _icmp_rounds(self, c: _Checked, status: UplinkStatus) -> None:
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        c.rounds = rounds = _IcmpRounds(self, c, status, failed)
         try:
-            while True:
-                results = await asyncio.gather(*(self._probe(c, status, t) for t in targets))
-                if c.machine.round(tuple(results), time.time()):
-                    self._report(c)
-                elif self.on_round is not None:
-                    self.on_round()
-                next_at += c.check.interval
-                now = loop.time()
-                if next_at < now:  # fell behind (suspended?): do not burst to catch up
-                    next_at = now
-                await asyncio.sleep(next_at - now)
+            await failed  # runs until cancelled, or raises what stopped the rounds
+        finally:
+            rounds.cancel()
+            if c.rounds is rounds:
+                c.rounds = None
+
+    async def _rounds(self, c: _Checked, status: UplinkStatus) -> None:
+        try:
+            if c.check.method == "icmp":
+                await self._icmp_rounds(c, status)
+            else:
+                await self._tcp_rounds(c, status)
         except asyncio.CancelledError:
             raise
         except PermissionDenied as exc:
@@ -160,6 +185,103 @@ class Monitor:
             self.log.error("health check failed", uplink=c.uplink.name, error=str(exc))
             c.close_probers()
             c.task = None
+
+
+class _IcmpRounds:
+    """One uplink's ICMP rounds, on loop callbacks.
+
+    A round sends an echo request to every target at once and ends when every
+    reply is in or ``timeout`` has passed, whichever comes first; the next
+    round starts ``interval`` after this one started (later if it fell
+    behind, never in a burst). Whatever stops the rounds (no permission, a
+    socket error) is set on ``failed``, which the uplink's task awaits.
+    """
+
+    def __init__(self, monitor: Monitor, c: _Checked, status: UplinkStatus, failed: asyncio.Future[None]) -> None:
+        self.monitor, self.c, self.status, self.failed = monitor, c, status, failed
+        self.loop = asyncio.get_running_loop()
+        self.targets = [str(t) for t in c.check.targets]
+        self.families = [socket.AF_INET6 if ":" in t else socket.AF_INET for t in self.targets]
+        self.results: list[TargetResult | None] = []
+        self.seqs: list[int | None] = []
+        self.pending = 0
+        self.next_at = self.loop.time()
+        self.timer: asyncio.TimerHandle | None = None
+        self.tick: asyncio.Handle | None = self.loop.call_soon(self._start)
+
+    def cancel(self) -> None:
+        for handle in (self.tick, self.timer):
+            if handle is not None:
+                handle.cancel()
+        self.tick = self.timer = None
+        self._forget()
+
+    def _forget(self) -> None:
+        for family, seq in zip(self.families, self.seqs):
+            prober = self.c.probers.get(family)
+            if seq is not None and prober is not None:
+                prober.forget(seq)
+
+    def _start(self) -> None:
+        self.tick = None
+        try:
+            c, n = self.c, len(self.targets)
+            self.results, self.seqs, self.pending = [None] * n, [None] * n, 0
+            for i, (target, family) in enumerate(zip(self.targets, self.families)):
+                source = c.sources.get(family)
+                if source is None:
+                    self.results[i] = TargetResult(target, False, error=f"no {_family_name(family)} address")
+                    continue
+                prober = c.probers.get(family)
+                if prober is None:
+                    prober = c.probers[family] = IcmpProber(self.status.interface, self.status.mark, source, family)
+                sent = prober.send(target, functools.partial(self._reply, i, time.perf_counter()))
+                if isinstance(sent, TargetResult):
+                    self.results[i] = sent
+                else:
+                    self.seqs[i] = sent
+                    self.pending += 1
+            if self.pending:
+                self.timer = self.loop.call_later(c.check.timeout, self._end)
+            else:
+                self._end()
+        except Exception as exc:  # handed to the task, which logs it as the old loop did
+            self._fail(exc)
+
+    def _reply(self, i: int, sent_at: float, arrival: float) -> None:
+        self.results[i] = TargetResult(self.targets[i], True, rtt=arrival - sent_at)
+        self.seqs[i] = None
+        self.pending -= 1
+        if self.pending == 0 and self.timer is not None:
+            self.timer.cancel()
+            self._end()
+
+    def _end(self) -> None:
+        self.timer = None
+        self._forget()
+        timeout = self.c.check.timeout
+        results = tuple(r if r is not None else TargetResult(t, False, error=f"no answer in {timeout:g}s")
+                        for r, t in zip(self.results, self.targets))
+        self.seqs = [None] * len(self.targets)
+        try:
+            self.monitor._after_round(self.c, results)
+        except Exception as exc:
+            self._fail(exc)
+            return
+        self.next_at += self.c.check.interval
+        now = self.loop.time()
+        if self.next_at < now:  # fell behind (suspended?): do not burst to catch up
+            self.next_at = now
+        self.tick = self.loop.call_at(self.next_at, self._start)
+
+    def _fail(self, exc: Exception) -> None:
+        self.cancel()
+        if not self.failed.done():
+            self.failed.set_exception(exc)
+
+
+def _family_name(family: int) -> str:
+    return "ipv6" if family == socket.AF_INET6 else "ipv4"
 
 
 def _sources(status: UplinkStatus) -> dict[int, str]:

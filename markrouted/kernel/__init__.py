@@ -135,6 +135,11 @@ class Kernel:
     def invalidate_nft(self) -> None:
         self.nft_cached = False
 
+    def nft_generation(self) -> int | None:
+        """The namespace's nf_tables generation id (one round-trip); None if unreadable."""
+        gen: int | None = self.nft._gen.read()
+        return gen
+
     def write_sysctl(self, path: str, value: str) -> None:
         self.sysctls.write(path, value)
 

@@ -48,6 +48,7 @@ FRA_PRIORITY = 6
 FRA_PROTOCOL = 21
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_NEWGEN = 15
+NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NFPROTO_INET = 1
 
@@ -139,6 +140,8 @@ class NftWatch:
     own_pid: int = field(default_factory=os.getpid)
     touched: bool = False
     also_own: set[int] = field(default_factory=set)
+    #: the nf_tables generation of the last transaction seen (None: none yet)
+    last_gen: int | None = None
 
     def feed(self, data: bytes) -> list[Event]:
         out = []
@@ -151,6 +154,9 @@ class NftWatch:
             family = msg[body] if len(msg) > body else 0
             attrs = dict(_attrs(msg, body + 4, len(msg)))
             if kind == NFT_MSG_NEWGEN:
+                gen = attrs.get(NFTA_GEN_ID)
+                if gen and len(gen) >= 4:
+                    self.last_gen = struct.unpack(">I", gen[:4])[0]
                 raw = attrs.get(NFTA_GEN_PROC_PID)
                 pid = struct.unpack(">I", raw[:4])[0] if raw and len(raw) >= 4 else -1
                 if self.touched and pid != self.own_pid and pid not in self.also_own:

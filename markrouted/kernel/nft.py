@@ -35,6 +35,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket
 from ..model import NFT_FAMILY, NFT_TABLE, BaseHook, NftChain, NftRule, NftTable, NftUpdate
 from .errors import KernelError, PermissionDenied, Unsupported
 from .nftdump import NftDumper
+from .nftraw import RawRefill, encodable
 
 _T = {"family": NFT_FAMILY, "name": NFT_TABLE}
 
@@ -81,6 +82,7 @@ class Nft:
         self.nft.set_handle_output(False)
         self._gen = _Generation()
         self._dumper: NftDumper | None = None
+        self._raw: RawRefill | None = None
         #: (generation id, the table as listed in that generation)
         self._listing: tuple[int, NftTable | None] | None = None
 
@@ -89,6 +91,9 @@ class Nft:
         if self._dumper is not None:
             self._dumper.close()
             self._dumper = None
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
 
     def forget(self) -> None:
         """Drop the remembered listing: the next ``read`` lists the table."""
@@ -153,6 +158,12 @@ class Nft:
             return
         chains = [c for c in (desired.chain(name) for name in update.chains) if c is not None]
         what = f"refill chains {', '.join(update.chains)}"
+        if encodable(chains):
+            # the failover path: no libnftables cache fetch of the whole table
+            if self._raw is None:
+                self._raw = RawRefill()
+            self._raw.refill(chains)
+            return
         if _needs_text(chains):
             self._script("".join(f"flush chain {NFT_FAMILY} {NFT_TABLE} {c.name}\n" + _rule_lines(c)
                                  for c in chains), what)

@@ -8,8 +8,9 @@ succeeds through another one. All probes share the daemon's asyncio loop; no
 thread per target.
 
 ICMP uses raw sockets (CAP_NET_RAW), one per uplink and family, matching
-echo replies by identifier and sequence; TCP probes succeed when the connect
-completes.
+echo replies by identifier and sequence and handing each to a callback (no
+future or task per probe: with many uplinks, that machinery cost more than
+the probing); TCP probes succeed when the connect completes.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 from ..health import TargetResult
 from .errors import PermissionDenied
@@ -29,6 +31,7 @@ SO_MARK = 36
 SO_BINDTODEVICE = 25
 ICMP_ECHO, ICMP_ECHOREPLY = 8, 0
 ICMP6_ECHO, ICMP6_ECHOREPLY = 128, 129
+PAYLOAD = b"markrouted-probe"
 
 _ids = itertools.count((os.getpid() * 7919) & 0xFFFF)
 
@@ -68,16 +71,14 @@ class IcmpProber:
         _prepare(self.sock, ifname, mark, source)
         self.ident = next(_ids) & 0xFFFF
         self.seq = itertools.count(1)
-        self.waiting: dict[int, asyncio.Future[float]] = {}
+        self.waiting: dict[int, Callable[[float], None]] = {}  # seq -> called with the reply's arrival
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.sock.fileno(), self._readable)
 
     def close(self) -> None:
         self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
-        for fut in self.waiting.values():
-            if not fut.done():
-                fut.cancel()
+        self.waiting.clear()
 
     def _readable(self) -> None:
         while True:
@@ -99,31 +100,32 @@ class IcmpProber:
             ident, seq = struct.unpack_from("!HH", data, 4)
             if ident != self.ident:
                 continue
-            fut = self.waiting.pop(seq, None)
-            if fut is not None and not fut.done():
-                fut.set_result(time.perf_counter())
+            on_reply = self.waiting.pop(seq, None)
+            if on_reply is not None:
+                on_reply(time.perf_counter())
 
-    async def probe(self, target: str, timeout: float) -> TargetResult:
+    def send(self, target: str, on_reply: Callable[[float], None]) -> int | TargetResult:
+        """Send one echo request now: its sequence number, or the failed result.
+
+        ``on_reply`` is called with the arrival time (``time.perf_counter``) of
+        the matching reply; :meth:`forget` the sequence when giving up on it.
+        """
         seq = next(self.seq) & 0xFFFF
         kind = ICMP_ECHO if self.family == socket.AF_INET else ICMP6_ECHO
-        payload = b"markrouted-probe"
         header = struct.pack("!BBHHH", kind, 0, 0, self.ident, seq)
-        if self.family == socket.AF_INET:
-            header = struct.pack("!BBHHH", kind, 0, _checksum(header + payload), self.ident, seq)
-        fut: asyncio.Future[float] = self.loop.create_future()
-        self.waiting[seq] = fut
-        start = time.perf_counter()
+        if self.family == socket.AF_INET:  # the kernel computes ICMPv6 checksums itself
+            header = struct.pack("!BBHHH", kind, 0, _checksum(header + PAYLOAD), self.ident, seq)
+        self.waiting[seq] = on_reply
         try:
-            self.sock.sendto(header + payload, (target, 0))
+            self.sock.sendto(header + PAYLOAD, (target, 0))
         except OSError as exc:
             self.waiting.pop(seq, None)
             return TargetResult(target, False, error=os.strerror(exc.errno or errno.EIO))
-        try:
-            end = await asyncio.wait_for(fut, timeout)
-        except asyncio.TimeoutError:
-            self.waiting.pop(seq, None)
-            return TargetResult(target, False, error=f"no answer in {timeout:g}s")
-        return TargetResult(target, True, rtt=end - start)
+        return seq
+
+    def forget(self, seq: int) -> None:
+        """No reply is expected any more (timed out, or the round was cancelled)."""
+        self.waiting.pop(seq, None)
 
 
 async def tcp_probe(ifname: str, mark: int, source: str, target: str, port: int, timeout: float) -> TargetResult:

@@ -50,7 +50,7 @@ EXPECTED_LABELS: dict[str, list[str]] = {
     "set_wan1": ["mark wan1"], "restore_wan1": ["restore wan1"], "in_wan1": ["inbound wan1"],
     "set_wan2": ["mark wan2"], "restore_wan2": ["restore wan2"], "in_wan2": ["inbound wan2"],
     "rule_priority_10000": [],
-    "pick_0": ["pick"], "pick_1": ["pick"],
+    "pick_0": ["pick"], "pick_1": ["pick", "pick"],  # 3:1 cascade
     "prerouting": [*HEAD, "inbound on wan1", "inbound on wan2", "not for this host", "policy ssh", "policy web"],
     "output": [*HEAD, "not for this host", "policy ssh", "policy web"],
     "postrouting": ["masquerade wan1 ipv4", "masquerade wan1 ipv6", "masquerade wan2 ipv4", "masquerade wan2 ipv6"],

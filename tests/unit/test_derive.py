@@ -557,13 +557,14 @@ THREE = dataclasses.replace(
     ("health", "fallback", "expected_active", "pick"),
     [
         pytest.param({}, "main", ("wan1", "wan2", "wan3"),
-                     ["numgen random mod 6 vmap { 0-2 : goto set_wan1, 3 : goto set_wan2, 4-5 : goto set_wan3 }"],
+                     ["numgen random mod 6 < 3 goto set_wan1", "numgen random mod 3 < 1 goto set_wan2",
+                      "goto set_wan3"],
                      id="all-usable"),
         pytest.param({"wan2": DOWN}, "main", ("wan1", "wan3"),
-                     ["numgen random mod 5 vmap { 0-2 : goto set_wan1, 3-4 : goto set_wan3 }"],
+                     ["numgen random mod 5 < 3 goto set_wan1", "goto set_wan3"],
                      id="weights-re-spread"),
         pytest.param({"wan1": DOWN}, "main", ("wan2", "wan3"),
-                     ["numgen random mod 3 vmap { 0 : goto set_wan2, 1-2 : goto set_wan3 }"],
+                     ["numgen random mod 3 < 1 goto set_wan2", "goto set_wan3"],
                      id="first-down"),
         pytest.param({"wan1": DOWN, "wan3": DOWN}, "main", ("wan2",), ["goto set_wan2"], id="one-left"),
         pytest.param({"wan1": DOWN, "wan2": DOWN, "wan3": DOWN}, "main", (), [], id="none-main"),
@@ -581,24 +582,52 @@ def test_balance(health: Mapping[str, Health], fallback: str, expected_active: t
     assert chain(state, "pick_0") == pick
 
 
-def test_balance_vmap_json() -> None:
+def test_balance_cascade_json() -> None:
+    """A weighted split is a cascade of numgen comparisons (no anonymous map)."""
     cfg = config('[[policy]]\nname = "dl"\nbalance = { wan1 = 3, wan2 = 1 }\n')
     state = derive(cfg, WORLD)
     assert state.nft is not None
     pick = state.nft.chain("pick_0")
     assert pick is not None
-    assert pick.rules[0].expr == [{"vmap": {
-        "key": {"numgen": {"mode": "random", "mod": 4, "offset": 0}},
-        "data": {"set": [[{"range": [0, 2]}, {"goto": {"target": "set_wan1"}}],
-                         [3, {"goto": {"target": "set_wan2"}}]]},
-    }}]
+    assert [r.expr for r in pick.rules] == [
+        [{"match": {"op": "<", "left": {"numgen": {"mode": "random", "mod": 4, "offset": 0}}, "right": 3}},
+         {"goto": {"target": "set_wan1"}}],
+        [{"goto": {"target": "set_wan2"}}],
+    ]
+
+
+@pytest.mark.parametrize("weights", [(3, 1), (1, 1, 1), (5, 2, 3), (1, 1000)])
+def test_balance_cascade_probabilities(weights: tuple[int, ...]) -> None:
+    """Each uplink's share of the cascade is exactly its weight over the total."""
+    from fractions import Fraction
+
+    names = [f"wan{i + 1}" for i in range(len(weights))]
+    body = ", ".join(f"{n} = {w}" for n, w in zip(names, weights))
+    ups = WAN1 + WAN2 + WAN3
+    cfg = config(f'[[policy]]\nname = "dl"\nbalance = {{ {body} }}\n', uplinks=ups)
+    state = derive(cfg, THREE)
+    assert state.nft is not None
+    pick = state.nft.chain("pick_0")
+    assert pick is not None
+    left, share = Fraction(1), {}
+    for rule in pick.rules:
+        target = rule.expr[-1]["goto"]["target"].removeprefix("set_")
+        if len(rule.expr) == 1:
+            share[target] = left
+            break
+        ng = rule.expr[0]["match"]
+        p = Fraction(ng["right"], ng["left"]["numgen"]["mod"])
+        share[target] = left * p
+        left *= 1 - p
+    total = sum(weights)
+    assert share == {n: Fraction(w, total) for n, w in zip(names, weights)}
 
 
 def test_balance_of_spec_example() -> None:
     from test_config import SPEC_EXAMPLE
 
     state = derive(parse(SPEC_EXAMPLE), WORLD)
-    assert chain(state, "pick_1") == ["numgen random mod 4 vmap { 0-2 : goto set_wan1, 3 : goto set_wan2 }"]
+    assert chain(state, "pick_1") == ["numgen random mod 4 < 3 goto set_wan1", "goto set_wan2"]
     assert active(state, "balanced-downloads") == ("wan1", "wan2")
     assert active(state, "ssh") == ("wan2",)
 

@@ -1,23 +1,31 @@
-"""The health state machine (markrouted.health) and the check's config errors.
+"""The health state machine (markrouted.health), the monitor's rounds, the check's config errors.
 
 Rounds are written as strings, one character per round: ``+`` a good round,
 ``-`` a failed one. Expected verdicts are strings too, one character per round:
 ``P`` pending (no verdict yet, the uplink does not carry traffic), ``U`` up,
-``D`` down. No sockets and no clock: time is the round's index.
+``D`` down. No sockets and no clock: time is the round's index. The
+monitor's tests run its rounds on a real event loop with a fake prober in
+place of the raw sockets.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import random
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from markrouted.config import Check, ConfigError, parse
 from markrouted.health import HISTORY, TargetResult, UplinkHealth
+from markrouted.model import AF_INET, UplinkStatus
+from markrouted.monitor import Monitor
 
 ROOT = Path(__file__).resolve().parents[2]
 T1, T2 = "192.0.2.1", "2001:db8::1"
@@ -330,6 +338,160 @@ def test_document() -> None:
             T2: {"ok": False, "rtt_ms": None, "error": "no answer in 0.2s"},
         },
     }
+
+
+# ------------------------------------------------------------------ the monitor's rounds
+
+
+class FakeProber:
+    """Stands in for an IcmpProber: answers after ``rtt`` while ``answering``, records everything."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.answering = True
+        self.rtt = 0.002
+        self.error: OSError | None = None
+        self.sent: list[tuple[float, str]] = []
+        self.forgotten: list[int] = []
+        self.seq = 0
+        self.closed = False
+
+    def send(self, target: str, on_reply: Callable[[float], None]) -> int | TargetResult:
+        if self.error is not None:
+            raise self.error
+        self.seq += 1
+        self.sent.append((self.loop.time(), target))
+        if self.answering:
+            self.loop.call_later(self.rtt, lambda: on_reply(time.perf_counter()))
+        return self.seq
+
+    def forget(self, seq: int) -> None:
+        self.forgotten.append(seq)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Log:
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, dict[str, object]]] = []
+
+    def _log(self, event: str, **kw: object) -> None:
+        self.lines.append((event, kw))
+
+    info = warning = error = debug = _log
+
+
+def status(link_ok: bool = True, reason: str = "ok") -> SimpleNamespace:
+    """The part of a DesiredState the monitor reads: its uplinks' link-level state."""
+    uplink = UplinkStatus("wan1", "eth0", "up" if link_ok else "down", reason, "198.51.100.1", None, 101,
+                          0x10000, (AF_INET,), link_ok=link_ok, link_reason=reason, addresses=("198.51.100.2",))
+    return SimpleNamespace(uplinks=(uplink,))
+
+
+MONITOR_CONFIG = parse(
+    '[uplinks.wan1]\ninterface = "eth0"\ntable = 101\nmark = 1\n[uplinks.wan1.check]\n'
+    'targets = ["198.18.0.10", "198.18.0.11"]\ninterval = "50ms"\ntimeout = "30ms"\ndown_after = 2\nup_after = 2\n')
+
+
+async def start_monitor() -> tuple[Monitor, FakeProber, list[tuple[str, bool, str]], Log]:
+    changes: list[tuple[str, bool, str]] = []
+    log = Log()
+    monitor = Monitor(log, lambda name, h: changes.append((name, h.up, h.reason)))
+    monitor.configure(MONITOR_CONFIG)
+    monitor.update(status(), MONITOR_CONFIG)  # type: ignore[arg-type]
+    prober = FakeProber(asyncio.get_running_loop())
+    monitor.checked["wan1"].probers[AF_INET] = prober  # type: ignore[assignment]  # before the first round
+    return monitor, prober, changes, log
+
+
+async def until(predicate: Callable[[], bool], deadline: float = 2.0) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def test_monitor_rounds_send_to_every_target_and_keep_the_interval() -> None:
+    async def go() -> None:
+        monitor, prober, changes, _ = await start_monitor()
+        await until(lambda: len(changes) == 1)
+        assert changes == [("wan1", True, "health check: 2/2 targets answer")]
+        await until(lambda: len(prober.sent) >= 10)
+        await monitor.close()
+        assert [target for _, target in prober.sent[:4]] == ["198.18.0.10", "198.18.0.11"] * 2
+        assert all(prober.sent[i + 1][0] - prober.sent[i][0] < 0.001 for i in range(0, 10, 2))  # both at once
+        starts = [t for t, _ in prober.sent[::2]]
+        # a fixed rate: every 50 ms on average whatever the replies take, and a late
+        # round is not followed by a burst
+        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        assert 0.045 <= (starts[-1] - starts[0]) / len(gaps) <= 0.07, gaps
+        assert min(gaps) > 0.02, gaps
+        doc = monitor.documents()["wan1"]
+        assert all(r["ok"] and 0 < r["rtt_ms"] < 30 for r in doc["targets"].values())  # type: ignore[index, union-attr]
+
+    asyncio.run(go())
+
+
+def test_monitor_silence_means_down_after_the_count_of_timeouts() -> None:
+    async def go() -> None:
+        monitor, prober, changes, log = await start_monitor()
+        await until(lambda: len(changes) == 1)
+        prober.answering = False
+        began = asyncio.get_running_loop().time()
+        await until(lambda: len(changes) == 2)
+        took = asyncio.get_running_loop().time() - began
+        assert changes[1] == ("wan1", False, "health check: 2 failed rounds "
+                              "(198.18.0.10: no answer in 0.03s; 198.18.0.11: no answer in 0.03s)")
+        assert took <= 0.05 * 2 + 0.03 + 0.1  # interval x down_after + timeout (+ slack for a busy machine)
+        assert prober.forgotten  # the unanswered probes were given up
+        [(_, fields)] = [line for line in log.lines if line[0] == "health check down"]
+        assert fields["uplink"] == "wan1" and fields["reason"] == changes[1][2]
+        prober.answering = True
+        await until(lambda: len(changes) == 3)
+        assert changes[2][1] is True
+        await monitor.close()
+
+    asyncio.run(go())
+
+
+def test_monitor_link_loss_stops_the_rounds_at_once() -> None:
+    """No probe after the link is lost, not even one already due: the old probers are closed."""
+    async def go() -> None:
+        monitor, prober, changes, _ = await start_monitor()
+        await until(lambda: len(changes) == 1)
+        monitor.update(status(False, "no carrier"), MONITOR_CONFIG)  # type: ignore[arg-type]
+        assert changes[-1] == ("wan1", False, "health check: suspended (no carrier)")
+        assert prober.closed
+        sent = len(prober.sent)
+        await asyncio.sleep(0.2)
+        assert len(prober.sent) == sent
+        assert monitor.checked["wan1"].task is None and monitor.checked["wan1"].rounds is None
+        # the link returns: new rounds (new probers), up only after up_after good rounds
+        monitor.update(status(), MONITOR_CONFIG)  # type: ignore[arg-type]
+        fresh = FakeProber(asyncio.get_running_loop())
+        monitor.checked["wan1"].probers[AF_INET] = fresh  # type: ignore[assignment]
+        await until(lambda: len(changes) == 3)
+        assert changes[2][1] is True
+        assert len(fresh.sent) >= 4  # two rounds of two targets at least, not the first round alone
+        await monitor.close()
+
+    asyncio.run(go())
+
+
+def test_monitor_socket_error_is_logged_and_probing_restarts_on_the_next_update() -> None:
+    async def go() -> None:
+        monitor, prober, changes, log = await start_monitor()
+        prober.error = OSError(19, "No such device")
+        await until(lambda: any(e == "health check failed" for e, _ in log.lines))
+        assert monitor.checked["wan1"].task is None
+        assert changes == []  # no verdict invented from an error
+        monitor.update(status(), MONITOR_CONFIG)  # type: ignore[arg-type]
+        monitor.checked["wan1"].probers[AF_INET] = FakeProber(asyncio.get_running_loop())  # type: ignore[assignment]
+        await until(lambda: len(changes) == 1)
+        await monitor.close()
+
+    asyncio.run(go())
 
 
 # ------------------------------------------------------------------ config errors

@@ -1,0 +1,192 @@
+"""The failover fast path: refilling small chains with one raw nf_tables batch.
+
+A failover rewrites a few one-rule ``pick_N`` chains. Through libnftables
+each write first fetches its cache of the whole table — with a thousand
+policies, thousands of anonymous sets — which costs more than everything else
+a failover does together. The rules of those chains use a tiny vocabulary
+(``goto``, ``drop``, ``meta nfproto``, ``numgen random mod N < W``), so they
+are encoded here directly into one nfnetlink batch: flush each chain, append
+its rules, all or nothing, exactly as libnftables would send them.
+
+``encode_rule`` returns None for anything outside that vocabulary; the caller
+then uses libnftables for the whole update. The expression JSON is the same
+one derive renders for libnftables, so both paths install the same rules
+(and the same comments, which is what drift detection compares).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import socket
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from ..model import NFT_TABLE, NftChain
+from .errors import KernelError, PermissionDenied
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
+NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
+NLMSG_ERROR = 2
+NLA_F_NESTED = 0x8000
+
+NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
+NFTA_LIST_ELEM = 1
+NFTA_EXPR_NAME, NFTA_EXPR_DATA = 1, 2
+NFT_REG_VERDICT, NFT_REG32_00 = 0, 8
+NF_DROP, NF_ACCEPT, NFT_GOTO, NFT_RETURN = 0, 1, -4, -5
+NFT_META_NFPROTO = 15
+NFT_CMP_EQ, NFT_CMP_LT = 0, 2
+NFT_NG_RANDOM = 1
+NFT_BYTEORDER_HTON = 1
+
+_HDR = struct.Struct("=IHHII")
+
+
+def _nla(atype: int, payload: bytes, nested: bool = False) -> bytes:
+    body = struct.pack("=HH", 4 + len(payload), atype | (NLA_F_NESTED if nested else 0)) + payload
+    return body + b"\0" * ((4 - len(body) % 4) % 4)
+
+
+def _u32(atype: int, value: int) -> bytes:
+    return _nla(atype, struct.pack(">I", value & 0xFFFFFFFF))
+
+
+def _s32(atype: int, value: int) -> bytes:
+    return _nla(atype, struct.pack(">i", value))
+
+
+def _str(atype: int, value: str) -> bytes:
+    return _nla(atype, value.encode() + b"\0")
+
+
+def _expr(name: str, *attrs: bytes) -> bytes:
+    return _nla(NFTA_LIST_ELEM, _str(NFTA_EXPR_NAME, name) + _nla(NFTA_EXPR_DATA, b"".join(attrs), True), True)
+
+
+def _verdict(code: int, chain: str | None = None) -> bytes:
+    inner = _s32(1, code) + (_str(2, chain) if chain else b"")  # NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN
+    data = _nla(2, inner, True)  # NFTA_DATA_VERDICT
+    return _expr("immediate", _u32(1, NFT_REG_VERDICT), _nla(2, data, True))
+
+
+def _cmp(op: int, value: bytes) -> bytes:
+    return _expr("cmp", _u32(1, NFT_REG32_00), _u32(2, op), _nla(3, _nla(1, value), True))
+
+
+def _statement(item: Any) -> bytes | None:
+    if not isinstance(item, dict) or len(item) != 1:
+        return None
+    (key, value), = item.items()
+    if key == "goto" and isinstance(value, dict) and isinstance(value.get("target"), str):
+        return _verdict(NFT_GOTO, value["target"])
+    if key in ("drop", "accept", "return") and value is None:
+        return _verdict({"drop": NF_DROP, "accept": NF_ACCEPT, "return": NFT_RETURN}[key])
+    if key != "match" or not isinstance(value, dict):
+        return None
+    left, right, op = value.get("left"), value.get("right"), value.get("op")
+    if left == {"meta": {"key": "nfproto"}} and op == "==" and right in ("ipv4", "ipv6"):
+        proto = NFPROTO_IPV4 if right == "ipv4" else NFPROTO_IPV6
+        meta = _expr("meta", _u32(1, NFT_REG32_00), _u32(2, NFT_META_NFPROTO))
+        return meta + _cmp(NFT_CMP_EQ, bytes([proto]))
+    ng = left.get("numgen") if isinstance(left, dict) else None
+    if (isinstance(ng, dict) and ng.get("mode") == "random" and not ng.get("offset")
+            and isinstance(ng.get("mod"), int) and op == "<" and isinstance(right, int)):
+        numgen = _expr("numgen", _u32(1, NFT_REG32_00), _u32(2, ng["mod"]), _u32(3, NFT_NG_RANDOM), _u32(4, 0))
+        # numgen leaves a host-order u32; cmp compares bytes, as nft does: to network order first
+        order = _expr("byteorder", _u32(1, NFT_REG32_00), _u32(2, NFT_REG32_00), _u32(3, NFT_BYTEORDER_HTON),
+                      _u32(4, 4), _u32(5, 4))
+        return numgen + order + _cmp(NFT_CMP_LT, struct.pack(">I", right))
+    return None
+
+
+def encode_rule(expr_json: str) -> bytes | None:
+    """The NFTA_RULE_EXPRESSIONS payload of a rule, or None if outside the vocabulary."""
+    try:
+        expr = json.loads(expr_json)
+    except ValueError:
+        return None
+    parts = []
+    for item in expr:
+        encoded = _statement(item)
+        if encoded is None:
+            return None
+        parts.append(encoded)
+    return b"".join(parts)
+
+
+def _userdata(comment: str) -> bytes:
+    raw = comment.encode()[:254] + b"\0"
+    return bytes([0, len(raw)]) + raw  # NFTNL_UDATA_RULE_COMMENT
+
+
+def encodable(chains: Sequence[NftChain]) -> bool:
+    return all(encode_rule(r.expr_json) is not None for c in chains for r in c.rules)
+
+
+class RawRefill:
+    """One nfnetlink socket that replaces the rules of whole chains in one batch."""
+
+    def __init__(self) -> None:
+        try:
+            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+        except OSError as exc:
+            raise KernelError(f"cannot open an nfnetlink socket: {exc}") from exc
+        self.sock.bind((0, 0))
+        self.seq = itertools.count(1)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _msg(self, mtype: int, flags: int, family: int, attrs: bytes, res_id: int = 0) -> tuple[int, bytes]:
+        seq = next(self.seq)
+        body = struct.pack("=BBH", family, 0, socket.htons(res_id)) + attrs
+        return seq, _HDR.pack(_HDR.size + len(body), mtype, flags, seq, 0) + body
+
+    def refill(self, chains: Sequence[NftChain], table: str = NFT_TABLE) -> None:
+        msgs: list[bytes] = []
+        acks: set[int] = set()
+        seq, data = self._msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        msgs.append(data)
+        for chain in chains:
+            ident = _str(NFTA_RULE_TABLE, table) + _str(NFTA_RULE_CHAIN, chain.name)
+            seq, data = self._msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELRULE, NLM_F_REQUEST | NLM_F_ACK,
+                                  NFPROTO_INET, ident)
+            msgs.append(data)
+            acks.add(seq)
+            for rule in chain.rules:
+                expr = encode_rule(rule.expr_json)
+                if expr is None:
+                    raise ValueError(f"rule outside the raw vocabulary: {rule.text}")
+                attrs = ident + _nla(NFTA_RULE_EXPRESSIONS, expr, True) + _nla(NFTA_RULE_USERDATA,
+                                                                              _userdata(rule.comment))
+                seq, data = self._msg((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWRULE,
+                                      NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK, NFPROTO_INET, attrs)
+                msgs.append(data)
+                acks.add(seq)
+        seq, data = self._msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        msgs.append(data)
+        self.sock.send(b"".join(msgs))
+        while acks:
+            reply = self.sock.recv(1 << 16)
+            offset = 0
+            while offset + _HDR.size <= len(reply):
+                length, rtype, _f, rseq, _pid = _HDR.unpack_from(reply, offset)
+                if length < _HDR.size:
+                    break
+                if rtype == NLMSG_ERROR and rseq in acks:
+                    code = -struct.unpack_from("=i", reply, offset + _HDR.size)[0]
+                    if code:
+                        if code in (errno.EPERM, errno.EACCES):
+                            raise PermissionDenied("nf_tables: permission denied (markrouted needs CAP_NET_ADMIN)")
+                        raise KernelError(f"refill chains {', '.join(c.name for c in chains)}: "
+                                          f"{os.strerror(code)}", code)
+                    acks.discard(rseq)
+                offset += (length + 3) & ~3
