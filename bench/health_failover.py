@@ -51,9 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench.health_results import RESULTS, replace_section  # noqa: E402
 from lab.topology import PYTHON, SERVER4, SERVER6, Lab, lab_config, policy, which_isp  # noqa: E402
-
-RESULTS = os.path.join(ROOT, "bench", "results-health.md")
 TARGET_S = 1.0
 INTERVAL, TIMEOUT, DOWN_AFTER, UP_AFTER = "200ms", "200ms", 3, 3
 PERIOD = 0.02  # one new connection every PERIOD seconds
@@ -232,23 +231,7 @@ def write_results(runs: list[dict[str, float]], stats: dict[str, dict[str, float
             f"{r['failover'] * 1000:.0f} (down {r['detect'] * 1000:.0f})" for r in runs),
         "",
     ]
-    _replace_section("\n".join(lines), "## Failover:")
-
-
-def _replace_section(section: str, heading: str) -> None:
-    """Put ``section`` into results-health.md in place of the one starting with ``heading``."""
-    try:
-        with open(RESULTS) as f:
-            text = f.read()
-    except FileNotFoundError:
-        text = "# Health-check benchmarks\n\n"
-    parts = text.split("\n## ")
-    head, rest = parts[0], ["## " + p for p in parts[1:]]
-    rest = [p for p in rest if not p.startswith(heading)]
-    rest.append(section.rstrip("\n") + "\n")
-    rest.sort(key=lambda p: 0 if p.startswith("## CPU:") else 1)
-    with open(RESULTS, "w") as f:
-        f.write(head.rstrip("\n") + "\n\n" + "\n".join(rest))
+    replace_section("\n".join(lines))
 
 
 def main() -> int:
@@ -272,7 +255,7 @@ def main() -> int:
         lab.popen("host", PYTHON, "-m", "markrouted", "-c", config, "run", "--log", "console",
                   env=lab.markrouted_env(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         script = POLLER.format(attempt=ATTEMPT, period=PERIOD, v4=SERVER4, v6=SERVER6)
-        proc = lab.popen("host", PYTHON, "-c", script, stdout=subprocess.PIPE, text=True)
+        proc = lab.popen("host", PYTHON, "-c", script, stdout=subprocess.PIPE)
         poller = Poller(proc)
         threading.Thread(target=poller.read, daemon=True).start()
         try:
