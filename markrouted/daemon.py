@@ -38,7 +38,7 @@ from .reconcile import Result, flush, reconcile
 from .status import document, run_dir, write_atomic
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
-SETTLE = 0.002  # let a burst of events land before a pass starts
+SETTLE = 0.0005  # let the rest of a burst of events land before a pass starts
 #: health figures in the status file (last round, RTT, loss) are at most this
 #: old; verdict changes are published at once by the pass they trigger
 STATUS_REFRESH = 1.0

@@ -545,13 +545,17 @@ def derive(
         for v in views
     )
     policies = []
+    chosen: dict[tuple[object, ...], tuple[str, ...]] = {}  # policies share a few targets
     for p in config.policies:
-        active: list[str] = []
-        for family in p.families:
-            for name, _ in _choose(p, usable, family):
-                if name not in active:
-                    active.append(name)
-        policies.append(PolicyStatus(p.name, tuple(active), p.fallback, p.families))
+        key = (_target_key(p), p.families)
+        if key not in chosen:
+            active: list[str] = []
+            for family in p.families:
+                for name, _ in _choose(p, usable, family):
+                    if name not in active:
+                        active.append(name)
+            chosen[key] = tuple(active)
+        policies.append(PolicyStatus(p.name, chosen[key], p.fallback, p.families))
     return DesiredState(
         rules=derive_rules(config, views),
         routes=derive_routes(views),

@@ -12,6 +12,7 @@ duplicate rules other tools accumulate across restarts.
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import socket
 from collections.abc import Mapping
@@ -234,8 +235,9 @@ class NftChain:
     base: BaseHook | None
     rules: tuple[NftRule, ...] = ()
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> tuple[BaseHook | None, tuple[str, ...]]:
+        """What drift detection compares: the hook and the rules' comments (with their digests)."""
         return (self.base, tuple(r.comment for r in self.rules))
 
 

@@ -59,7 +59,7 @@ def write_atomic(doc: Mapping[str, Any], directory: str | None = None) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".status.")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, sort_keys=True)
+            json.dump(doc, f, separators=(",", ":"))
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(directory, STATUS_FILE))
     except BaseException:

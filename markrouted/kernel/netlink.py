@@ -231,13 +231,14 @@ class Netlink:
 
 
 def route_from_raw(r: RawRoute) -> Route:
+    # the kernel keeps route prefixes without host bits, and inet_ntop's text is
+    # the canonical form derive writes (ipaddress' str) for unicast prefixes
     dst = r.dst or ("0.0.0.0" if r.family == AF_INET else "::")
-    net = ipaddress.ip_network(f"{dst}/{r.dst_len}", strict=False)
     unicast = r.type == 1
     return Route(
         family=r.family,
         table=r.table,
-        dst=str(net),
+        dst=f"{dst}/{r.dst_len}",
         metric=r.priority,
         # the kernel echoes IPv6 unreachable routes with "dev lo"
         oif=(r.oif or 0) if unicast else 0,
