@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,6 +102,15 @@ def _same_netns(pid: int) -> bool:
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -126,6 +136,20 @@ def render(doc: Mapping[str, Any]) -> str:
         lines.extend(_table(rows))
     else:
         lines.append("no uplinks configured: nothing installed")
+    health = doc.get("health") or {}
+    if health:
+        lines.append("")
+        lines.append("health checks:")
+        now = time.time()
+        for name, h in health.items():
+            state = "pending" if h.get("pending") else ("up" if h.get("up") else "down")
+            since = h.get("since")
+            ago = f" for {_ago(now - since)}" if isinstance(since, (int, float)) and since > 0 else ""
+            lines.append(f"  {name}: {state}{ago}, loss {float(h.get('loss', 0)):.0%} over the last "
+                         f"{h.get('rounds', 0)} rounds; {h.get('reason', '')}")
+            for target, t in (h.get("targets") or {}).items():
+                result = f"{t['rtt_ms']} ms" if t.get("ok") else f"failed: {t.get('error') or 'no answer'}"
+                lines.append(f"    {target}: {result}")
     policies = doc.get("policies", {})
     if policies:
         rows = [["POLICY", "CARRIED BY", "FALLBACK"]]
