@@ -42,7 +42,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "lab", "agent.py")
-PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+# the interpreter running the tests: Debian's, or the PyPI-compat venv's in the second pass
+PYTHON = sys.executable
 
 SERVER4 = "198.18.0.10"
 SERVER6 = "2001:db8:ff::10"

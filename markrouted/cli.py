@@ -239,11 +239,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    # markrouted speaks no TLS and needs no OpenSSL hashes: keeping the libraries
-    # asyncio and hashlib would load (libssl, libcrypto) out of a process that
-    # runs for months saves several MB of RSS (hashlib falls back to its own sha256)
-    for name in ("ssl", "_ssl", "_hashlib"):
-        sys.modules.setdefault(name, None)  # type: ignore[arg-type]
     from .daemon import run
 
     return run(args.config, log_mode=args.log)

@@ -230,7 +230,6 @@ class Monitor:
     """
 
     MARK_TABLE = "250"
-    MARK_DST = "192.0.2.250"
 
     def __init__(self, host: Host) -> None:
         self.host = host
@@ -238,31 +237,8 @@ class Monitor:
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
         self._start("ip", ["ip", "monitor", "rule", "route"])
         self._start("nft", ["nft", "monitor"])
+        self._count = 0
         self._ready()
-
-    def _ready(self) -> None:
-        """Wait until both monitors are subscribed: a marker written before that is lost.
-
-        A ready-marker is written again every 100 ms until both monitors have
-        printed it; then it is removed and its removal awaited, so the queue
-        holds nothing of it afterwards.
-        """
-        seen = {"ip": False, "nft": False}
-        end = time.monotonic() + 10
-        while not all(seen.values()):
-            if time.monotonic() > end:
-                raise TimeoutError(f"monitors never subscribed: {seen}")
-            self.host.ip("route", "replace", f"{self.MARK_DST}/32", "dev", "lo", "table", self.MARK_TABLE)
-            self.host.sh("nft", "add", "table", "inet", "mrkready")
-            poll_end = time.monotonic() + 0.1
-            while not all(seen.values()) and time.monotonic() < poll_end:
-                try:
-                    tag, line = self.lines.get(timeout=max(0.0, poll_end - time.monotonic()))
-                except queue.Empty:
-                    break
-                if (tag == "ip" and self.MARK_DST in line) or (tag == "nft" and "mrkready" in line):
-                    seen[tag] = True
-        self._marker("delete", "mrkready")
 
     def _start(self, tag: str, cmd: list[str]) -> None:
         proc = subprocess.Popen([*self.host.ns.nsenter(), *cmd], stdout=subprocess.PIPE,
@@ -276,33 +252,69 @@ class Monitor:
 
         threading.Thread(target=pump, daemon=True).start()
 
-    def _marker(self, verb: str, name: str) -> list[str]:
-        """Write one marker to each monitor and wait until both have seen it.
+    def _write_marker(self) -> tuple[str, str]:
+        """A fresh marker: a route to a unique address and an nft table of a unique name."""
+        self._count += 1
+        n = self._count
+        dst, name = f"198.18.{200 + n // 250}.{n % 250 + 1}", f"mrkmarker{n}"
+        self.host.ip("route", "add", f"{dst}/32", "dev", "lo", "table", self.MARK_TABLE)
+        self.host.sh("nft", "add", "table", "inet", name)
+        return dst, name
 
-        Returns what each monitor printed before its marker (each stream is in
-        order, so that is everything written before the marker).
-        """
-        self.host.ip("route", verb, f"{self.MARK_DST}/32", "dev", "lo", "table", self.MARK_TABLE)
-        self.host.sh("nft", verb, "table", "inet", name)
+    @staticmethod
+    def _is_marker(line: str) -> bool:
+        return f"table {Monitor.MARK_TABLE}" in line or "mrkmarker" in line
+
+    def _wait(self, dst: str, name: str, deadline: float) -> list[str] | None:
+        """What the monitors printed before this marker; None if not both seen by the deadline."""
         seen = {"ip": False, "nft": False}
         before: list[str] = []
-        end = time.monotonic() + 10
         while not all(seen.values()):
             try:
-                tag, line = self.lines.get(timeout=max(0.0, end - time.monotonic()))
+                tag, line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"monitor marker {verb} {name} not seen: {seen}") from None
-            if (tag == "ip" and self.MARK_DST in line) or (tag == "nft" and name in line):
+                return None
+            if (tag == "ip" and f"{dst} " in line) or (tag == "nft" and name in line.split()):
                 seen[tag] = True
-            elif not seen[tag] and line.strip() and not line.startswith("# "):
+            elif not seen[tag] and line.strip() and not line.startswith("# ") and not self._is_marker(line):
                 before.append(f"{tag}: {line}")
+        return before
+
+    def _ready(self) -> None:
+        """Wait until both monitors are subscribed: a marker written before that is lost.
+
+        Fresh markers are written every 100 ms until one is seen by both; each
+        marker is unique, so a late echo of an earlier one is never mistaken
+        for a later one.
+        """
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            dst, name = self._write_marker()
+            seen = self._wait(dst, name, min(end, time.monotonic() + 0.1))
+            self._remove_marker(dst, name)
+            if seen is not None:
+                return
+        raise TimeoutError("the monitors never subscribed")
+
+    def _remove_marker(self, dst: str, name: str) -> None:
+        """Leave the namespace as it was; the removal's echoes are filtered as markers."""
+        self.host.ip("route", "del", f"{dst}/32", "dev", "lo", "table", self.MARK_TABLE, check=False)
+        self.host.sh("nft", "delete", "table", "inet", name, check=False)
+
+    def _marker(self) -> list[str]:
+        """Write a marker and wait until both monitors have seen it (each stream is in order)."""
+        dst, name = self._write_marker()
+        before = self._wait(dst, name, time.monotonic() + 10)
+        self._remove_marker(dst, name)
+        if before is None:
+            raise TimeoutError(f"monitor marker {dst} / {name} not seen")
         return before
 
     def events_during(self, action: Any) -> list[str]:
         """Run ``action()``; the rule, route and nftables events it caused."""
-        self._marker("add", "mrkmarker")
+        self._marker()
         action()
-        return self._marker("delete", "mrkmarker")
+        return self._marker()
 
     def close(self) -> None:
         for proc in self.procs:
