@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from ..model import MAIN_TABLE, NFT_TABLE, RTPROT_MARKROUTED
+from . import nl
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -52,7 +53,7 @@ NFTA_GEN_ID = 1
 NFTA_GEN_PROC_PID = 2
 NFPROTO_INET = 1
 
-_NLMSGHDR = struct.Struct("=IHHII")
+_NLMSGHDR = nl.HDR
 
 
 class Overflow(Exception):
@@ -75,23 +76,13 @@ class Event:
 
 
 def _attrs(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
-    while offset + 4 <= end:
-        length, atype = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            return
-        yield atype & 0x3FFF, data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
+    return iter(nl.attrs(data, offset, end).items())
 
 
 def _messages(data: bytes) -> Iterator[tuple[int, int, int, bytes, int]]:
-    """(type, flags, pid, data, body-offset) for each message of a datagram."""
-    offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, mtype, flags, _seq, pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
-            return
-        yield mtype, flags, pid, data[offset : offset + length], _NLMSGHDR.size
-        offset += (length + 3) & ~3
+    """(type, flags, sequence, message, body offset) for each message of a datagram."""
+    for mtype, flags, seq, msg in nl.messages(data):
+        yield mtype, flags, seq, msg, _NLMSGHDR.size
 
 
 def parse_rtnl(data: bytes, interest: Interest) -> list[Event]:

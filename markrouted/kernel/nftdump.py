@@ -11,21 +11,18 @@ struct, take milliseconds. libnftables stays the tool for every write.
 from __future__ import annotations
 
 import errno
-import itertools
-import os
-import socket
 import struct
 from collections.abc import Iterator
 
 from ..model import NFT_TABLE, BaseHook, NftChain, NftRule, NftTable
-from .errors import KernelError, PermissionDenied
+from . import nl
+from .errors import KernelError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 1, 4, 7
 NFPROTO_INET = 1
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLM_F_ACK, NLM_F_DUMP = nl.NLM_F_ACK, nl.NLM_F_DUMP
 
 NFTA_TABLE_NAME = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE = 1, 3, 4, 5, 7
@@ -35,29 +32,11 @@ NFTNL_UDATA_RULE_COMMENT = 0
 HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting", 5: "ingress"}
 POLICIES = {0: "drop", 1: "accept"}
 
-_HDR = struct.Struct("=IHHII")
+_HDR = nl.HDR
 _NFGEN = struct.Struct("=BBH")
-
-
-def _attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= end:
-        length, atype = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[atype & 0x3FFF] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return out
-
-
-def _str(value: bytes | None) -> str:
-    return value.split(b"\0", 1)[0].decode(errors="replace") if value else ""
-
-
-def _attr_str(atype: int, text: str) -> bytes:
-    raw = text.encode() + b"\0"
-    body = struct.pack("=HH", 4 + len(raw), atype) + raw
-    return body + b"\0" * ((4 - len(body) % 4) % 4)
+_attrs = nl.attrs
+_str = nl.cstr
+_attr_str = nl.nla_str
 
 
 def comment_of(userdata: bytes | None) -> str:
@@ -75,43 +54,20 @@ def comment_of(userdata: bytes | None) -> str:
 
 class NftDumper:
     def __init__(self) -> None:
-        try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-        except OSError as exc:
-            raise KernelError(f"cannot open an nfnetlink socket: {exc}") from exc
-        self.sock.bind((0, 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        self.seq = itertools.count(1)
+        self.nl = nl.Socket(NETLINK_NETFILTER, 4 << 20)
 
     def close(self) -> None:
-        self.sock.close()
+        self.nl.close()
 
     def _request(self, msg: int, flags: int, attrs: bytes) -> Iterator[bytes]:
-        seq = next(self.seq)
         body = _NFGEN.pack(NFPROTO_INET, 0, 0) + attrs
-        mtype = (NFNL_SUBSYS_NFTABLES << 8) | msg
-        self.sock.send(_HDR.pack(_HDR.size + len(body), mtype, NLM_F_REQUEST | flags, seq, 0) + body)
-        while True:
-            data = self.sock.recv(1 << 20)
-            offset = 0
-            while offset + _HDR.size <= len(data):
-                length, rtype, _f, rseq, _pid = _HDR.unpack_from(data, offset)
-                if length < _HDR.size:
-                    return
-                item = data[offset : offset + length]
-                offset += (length + 3) & ~3
-                if rseq != seq:
-                    continue
-                if rtype == NLMSG_DONE:
-                    return
-                if rtype == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", item, _HDR.size)[0]
-                    if code == 0:
-                        return
-                    if code in (errno.EPERM, errno.EACCES):
-                        raise PermissionDenied("nf_tables: permission denied (markrouted needs CAP_NET_ADMIN)")
-                    raise KernelError(f"nf_tables: {os.strerror(code)}", code)
-                yield item
+        for _attempt in range(5):
+            try:
+                return iter(list(self.nl.request((NFNL_SUBSYS_NFTABLES << 8) | msg, nl.NLM_F_REQUEST | flags,
+                                                 body, "nf_tables")))
+            except nl.Interrupted:
+                continue
+        raise KernelError("nf_tables dump kept being interrupted")
 
     def read(self, table: str = NFT_TABLE) -> NftTable | None:
         """The table's chains and rule comments; None when it does not exist."""

@@ -16,17 +16,14 @@ one derive renders for libnftables, so both paths install the same rules
 
 from __future__ import annotations
 
-import errno
-import itertools
 import json
-import os
 import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 from ..model import NFT_TABLE, NftChain
-from .errors import KernelError, PermissionDenied
+from . import nl
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -34,8 +31,6 @@ NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
 NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
-NLMSG_ERROR = 2
-NLA_F_NESTED = 0x8000
 
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 NFTA_LIST_ELEM = 1
@@ -47,12 +42,8 @@ NFT_CMP_EQ, NFT_CMP_LT = 0, 2
 NFT_NG_RANDOM = 1
 NFT_BYTEORDER_HTON = 1
 
-_HDR = struct.Struct("=IHHII")
-
-
-def _nla(atype: int, payload: bytes, nested: bool = False) -> bytes:
-    body = struct.pack("=HH", 4 + len(payload), atype | (NLA_F_NESTED if nested else 0)) + payload
-    return body + b"\0" * ((4 - len(body) % 4) % 4)
+_nla = nl.nla
+_str = nl.nla_str
 
 
 def _u32(atype: int, value: int) -> bytes:
@@ -61,10 +52,6 @@ def _u32(atype: int, value: int) -> bytes:
 
 def _s32(atype: int, value: int) -> bytes:
     return _nla(atype, struct.pack(">i", value))
-
-
-def _str(atype: int, value: str) -> bytes:
-    return _nla(atype, value.encode() + b"\0")
 
 
 def _expr(name: str, *attrs: bytes) -> bytes:
@@ -135,25 +122,18 @@ class RawRefill:
     """One nfnetlink socket that replaces the rules of whole chains in one batch."""
 
     def __init__(self) -> None:
-        try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
-        except OSError as exc:
-            raise KernelError(f"cannot open an nfnetlink socket: {exc}") from exc
-        self.sock.bind((0, 0))
-        self.seq = itertools.count(1)
+        self.nl = nl.Socket(NETLINK_NETFILTER)
 
     def close(self) -> None:
-        self.sock.close()
+        self.nl.close()
 
     def _msg(self, mtype: int, flags: int, family: int, attrs: bytes, res_id: int = 0) -> tuple[int, bytes]:
-        seq = next(self.seq)
-        body = struct.pack("=BBH", family, 0, socket.htons(res_id)) + attrs
-        return seq, _HDR.pack(_HDR.size + len(body), mtype, flags, seq, 0) + body
+        return self.nl.frame(mtype, flags, struct.pack("=BBH", family, 0, socket.htons(res_id)) + attrs)
 
     def refill(self, chains: Sequence[NftChain], table: str = NFT_TABLE) -> None:
         msgs: list[bytes] = []
         acks: set[int] = set()
-        seq, data = self._msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        _, data = self._msg(NFNL_MSG_BATCH_BEGIN, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
         msgs.append(data)
         for chain in chains:
             ident = _str(NFTA_RULE_TABLE, table) + _str(NFTA_RULE_CHAIN, chain.name)
@@ -171,22 +151,7 @@ class RawRefill:
                                       NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND | NLM_F_ACK, NFPROTO_INET, attrs)
                 msgs.append(data)
                 acks.add(seq)
-        seq, data = self._msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
+        _, data = self._msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
         msgs.append(data)
-        self.sock.send(b"".join(msgs))
-        while acks:
-            reply = self.sock.recv(1 << 16)
-            offset = 0
-            while offset + _HDR.size <= len(reply):
-                length, rtype, _f, rseq, _pid = _HDR.unpack_from(reply, offset)
-                if length < _HDR.size:
-                    break
-                if rtype == NLMSG_ERROR and rseq in acks:
-                    code = -struct.unpack_from("=i", reply, offset + _HDR.size)[0]
-                    if code:
-                        if code in (errno.EPERM, errno.EACCES):
-                            raise PermissionDenied("nf_tables: permission denied (markrouted needs CAP_NET_ADMIN)")
-                        raise KernelError(f"refill chains {', '.join(c.name for c in chains)}: "
-                                          f"{os.strerror(code)}", code)
-                    acks.discard(rseq)
-                offset += (length + 3) & ~3
+        self.nl.sock.send(b"".join(msgs))
+        self.nl.acks(acks, f"refill chains {', '.join(c.name for c in chains)}")

@@ -11,21 +11,16 @@ to find markrouted's own routes. pyroute2 remains the API for every write.
 
 from __future__ import annotations
 
-import errno
-import itertools
-import os
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .errors import KernelError, PermissionDenied
+from . import nl
+from .errors import KernelError
 
 SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLM_F_DUMP_INTR = 0x10
-NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETRULE = 18, 22, 26, 34
 
 IFLA_IFNAME = 3
@@ -33,22 +28,12 @@ IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 7, 9, 15
 FRA_SRC, FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 2, 6, 10, 14, 15, 16, 21
 
-_HDR = struct.Struct("=IHHII")
+_HDR = nl.HDR
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
 _RTMSG = struct.Struct("=BBBBBBBBI")
 _NEXTHOP = struct.Struct("=HBBi")
-
-
-def attrs(data: bytes, offset: int, end: int) -> dict[int, bytes]:
-    out: dict[int, bytes] = {}
-    while offset + 4 <= end:
-        length, atype = struct.unpack_from("=HH", data, offset)
-        if length < 4:
-            break
-        out[atype & 0x3FFF] = data[offset + 4 : offset + length]
-        offset += (length + 3) & ~3
-    return out
+attrs = nl.attrs
 
 
 def u32(value: bytes | None, default: int = 0) -> int:
@@ -95,67 +80,30 @@ class RawRule:
     suppress_prefixlength: int
 
 
-@dataclass
 class Dumper:
     """One NETLINK_ROUTE socket for dumps (strict checking on when the kernel has it)."""
 
-    sock: socket.socket = field(init=False)
-    seq: Iterator[int] = field(default_factory=lambda: itertools.count(1))
-    strict: bool = field(init=False, default=False)
-
-    def __post_init__(self) -> None:
+    def __init__(self) -> None:
+        self.nl = nl.Socket(socket.NETLINK_ROUTE)
         try:
-            self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        except OSError as exc:
-            raise KernelError(f"cannot open a netlink socket: {exc}") from exc
-        self.sock.bind((0, 0))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-        try:
-            self.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            self.nl.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             self.strict = True
         except OSError:
             self.strict = False
 
     def close(self) -> None:
-        self.sock.close()
+        self.nl.close()
 
     def dump(self, mtype: int, header: bytes, extra: bytes = b"") -> Iterator[tuple[int, bytes]]:
-        """(type, message) of every answer; retried when the kernel says it was interrupted."""
+        """(type, message) of every answer; asked again when the kernel says it was interrupted."""
         for _attempt in range(5):
-            seq = next(self.seq)
-            body = header + extra
-            self.sock.send(_HDR.pack(_HDR.size + len(body), mtype, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-            out: list[tuple[int, bytes]] = []
-            interrupted = False
-            done = False
-            while not done:
-                data = self.sock.recv(1 << 20)
-                offset = 0
-                while offset + _HDR.size <= len(data):
-                    length, rtype, flags, rseq, _pid = _HDR.unpack_from(data, offset)
-                    if length < _HDR.size:
-                        break
-                    msg = data[offset : offset + length]
-                    offset += (length + 3) & ~3
-                    if rseq != seq:
-                        continue
-                    if flags & NLM_F_DUMP_INTR:
-                        interrupted = True
-                    if rtype == NLMSG_DONE:
-                        done = True
-                        break
-                    if rtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", msg, _HDR.size)[0]
-                        if code == 0:
-                            done = True
-                            break
-                        if code in (errno.EPERM, errno.EACCES):
-                            raise PermissionDenied("netlink dump: permission denied")
-                        raise KernelError(f"netlink dump: {os.strerror(code)}", code)
-                    out.append((rtype, msg))
-            if not interrupted:
-                yield from out
-                return
+            try:
+                out = list(self.nl.request(mtype, nl.NLM_F_REQUEST | nl.NLM_F_DUMP, header + extra, "netlink dump"))
+            except nl.Interrupted:
+                continue
+            for msg in out:
+                yield struct.unpack_from("=H", msg, 4)[0], msg
+            return
         raise KernelError("netlink dump kept being interrupted")
 
     # ------------------------------------------------------------------ objects
