@@ -35,7 +35,7 @@ from .derive import Deriver
 from .kernel.errors import KernelError, PermissionDenied, Unsupported
 from .model import DesiredState, Health
 from .reconcile import Result, flush, reconcile
-from .status import document, run_dir, write_atomic
+from .status import Publisher, run_dir
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 SETTLE = 0.0005  # let the rest of a burst of events land before a pass starts
@@ -181,6 +181,7 @@ class Daemon:
         self.log = log
         self.notify = notify
         self.run_dir = run_dir()
+        self._publisher: Publisher | None = None
         self.kernel: Any = None
         self.deriver: Deriver | None = None  # used by the worker thread only
         self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="kernel")
@@ -474,9 +475,9 @@ class Daemon:
     def _publish(self) -> None:
         if self.desired is None:
             return
-        doc = document(
-            self.desired,
-            self.in_sync,
+        if self._publisher is None:
+            self._publisher = Publisher(self.run_dir)
+        fields = dict(
             pid=os.getpid(),
             config=self.config_path,
             last_reconcile=self.last_pass,
@@ -488,7 +489,7 @@ class Daemon:
             last_pass_seconds=round(self.last_seconds, 6),
         )
         try:
-            write_atomic(doc, self.run_dir)
+            self._publisher.write(self.desired, self.in_sync, **fields)
         except OSError as exc:
             self.log.warning("cannot write the status file", error=str(exc), object=self.run_dir)
 

@@ -25,7 +25,18 @@ def run_dir() -> str:
     return os.environ.get("MARKROUTED_RUN_DIR", RUN_DIR)
 
 
-def document(desired: DesiredState, in_sync: bool, **extra: Any) -> dict[str, Any]:
+def _policies(desired: DesiredState) -> dict[str, Any]:
+    return {
+        p.name: {
+            "active": list(p.active),
+            "fallback": p.fallback,
+            "families": [family_name(f) for f in p.families],
+        }
+        for p in desired.policies
+    }
+
+
+def document(desired: DesiredState, in_sync: bool, with_policies: bool = True, **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "in_sync": in_sync,
         "uplinks": {
@@ -41,26 +52,41 @@ def document(desired: DesiredState, in_sync: bool, **extra: Any) -> dict[str, An
             }
             for u in desired.uplinks
         },
-        "policies": {
-            p.name: {
-                "active": list(p.active),
-                "fallback": p.fallback,
-                "families": [family_name(f) for f in p.families],
-            }
-            for p in desired.policies
-        },
     }
+    if with_policies:
+        doc["policies"] = _policies(desired)
     doc.update(extra)
     return doc
 
 
-def write_atomic(doc: Mapping[str, Any], directory: str | None = None) -> None:
+class Publisher:
+    """Writes the daemon's document after each pass, cheaply.
+
+    With a thousand policies their part of the document is most of its cost,
+    and it changes only when a policy moves: it is serialised again only then.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self._policies: object = None
+        self._policies_json = "{}"
+
+    def write(self, desired: DesiredState, in_sync: bool, **extra: Any) -> None:
+        if desired.policies != self._policies:
+            self._policies = desired.policies
+            self._policies_json = json.dumps(_policies(desired), separators=(",", ":"))
+        head = json.dumps(document(desired, in_sync, with_policies=False, **extra), separators=(",", ":"))
+        write_text_atomic(head[:-1] + ',"policies":' + self._policies_json + "}", self.directory)
+
+
+def write_text_atomic(text: str, directory: str | None = None) -> None:
+    """Replace the status file in one rename: a reader never sees half a document."""
     directory = directory or run_dir()
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".status.")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
+            f.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, os.path.join(directory, STATUS_FILE))
     except BaseException:
