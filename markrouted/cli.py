@@ -178,11 +178,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     print(f"packet:  {desc} ({where})")
     uplink_by_if = {u.interface: u for u in config.uplinks}
     mark = 0
+    local = {a.address for a in observed.addresses}
     if pkt.iif in uplink_by_if:
         u = uplink_by_if[pkt.iif]
         print(f"policy:  none: a new connection arriving on uplink {u.name} is pinned to it, replies leave by it")
+    elif str(pkt.daddr) in local or pkt.daddr.is_multicast or pkt.daddr.is_loopback:
+        print("policy:  none: addressed to this host (or multicast), never classified")
     else:
-        policy = classify(config, pkt)
+        policy = classify(config, pkt, frozenset(observed.cgroup_ids))
         if policy is None:
             print("policy:  none matches: the packet is not marked and follows the main table")
         else:
@@ -202,9 +205,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     total = sum(weights[n] for n in chosen)
                     share = ", ".join(f"{n} {weights[n]}/{total}" for n in chosen)
                     print(f"balance: new flows split {share}; showing {name}")
-                u = ups[name]
-                mark = u.mark
-                print(f"uplink:  {name} (mark {u.mark:#010x}/{config.settings.mark_mask:#010x}, table {u.table})")
+                carrier = ups[name]
+                mark = carrier.mark
+                print(f"uplink:  {name} (mark {carrier.mark:#010x}/{config.settings.mark_mask:#010x}, "
+                      f"table {carrier.table})")
     iif_index = None
     if pkt.iif:
         link = observed.link(pkt.iif)

@@ -56,7 +56,7 @@ class Notifier:
         if not self.socket:
             return
         try:
-            from systemd import daemon
+            from systemd import daemon  # type: ignore[attr-defined]  # no type information
 
             self._notify = daemon.notify
         except ImportError:

@@ -79,9 +79,16 @@ def matches(policy: Policy, pkt: Packet, uplink_interfaces: frozenset[str] = fro
     return True
 
 
-def classify(config: Config, pkt: Packet) -> Policy | None:
+def classify(config: Config, pkt: Packet, cgroups: frozenset[str] | None = None) -> Policy | None:
+    """The first policy matching ``pkt``.
+
+    ``cgroups``: the cgroup paths that exist now (None: assume all do); a
+    policy naming one that does not has no rule in the kernel (see derive).
+    """
     uplink_ifs = frozenset(u.interface for u in config.uplinks)
     for policy in config.policies:
+        if cgroups is not None and policy.cgroup and policy.cgroup.strip("/") not in cgroups:
+            continue
         if matches(policy, pkt, uplink_ifs):
             return policy
     return None

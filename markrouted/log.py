@@ -48,7 +48,7 @@ class JournalRenderer:
     """Sends each event to journald with structured fields; drops it afterwards."""
 
     def __init__(self) -> None:
-        from systemd import journal
+        from systemd import journal  # type: ignore[attr-defined]  # no type information
 
         self.send = journal.send
 

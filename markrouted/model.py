@@ -21,7 +21,7 @@ from typing import Any
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
-FAMILIES = (AF_INET, AF_INET6)
+FAMILIES: tuple[int, ...] = (AF_INET, AF_INET6)
 
 #: The routing protocol number markrouted tags its rules and routes with.
 #: 109 is unassigned in the kernel's rtnetlink.h and in iproute2's rt_protos

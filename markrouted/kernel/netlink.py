@@ -106,7 +106,7 @@ class Netlink:
         return out
 
     def main_defaults(self) -> list[MainDefault]:
-        out = []
+        out: list[MainDefault] = []
         for family in FAMILIES:
             for r in self.dumper.routes(family, table=MAIN_TABLE):
                 if r.dst_len != 0 or r.type != 1:

@@ -190,3 +190,18 @@ def test_proto_number(text: str, number: int) -> None:
 def test_proto_number_unknown() -> None:
     with pytest.raises(ValueError, match="unknown protocol 'bogus'"):
         proto_number("bogus")
+
+
+def test_a_policy_whose_cgroup_does_not_exist_is_skipped() -> None:
+    """derive renders no rule for a missing cgroup; classify must agree when told what exists."""
+    cfg = config(
+        '[[policy]]\nname = "backup"\ncgroup = "system.slice/backup.service"\nuplinks = ["wan2"]\n'
+        '[[policy]]\nname = "rest"\nuplinks = ["wan1"]\n'
+    )
+    packet = pkt(cgroup="system.slice/backup.service")
+    found = classify(cfg, packet)
+    assert found is not None and found.name == "backup"
+    found = classify(cfg, packet, frozenset({"system.slice/backup.service"}))
+    assert found is not None and found.name == "backup"
+    found = classify(cfg, packet, frozenset())
+    assert found is not None and found.name == "rest"
