@@ -1124,6 +1124,7 @@ def test_shipped_config_shows_every_key() -> None:
         "timeout",
         "down_after",
         "up_after",
+        "success",
     }
     policy_keys = set().union(*(set(p) for p in data["policy"]))
     assert policy_keys == {
@@ -1142,3 +1143,20 @@ def test_shipped_config_shows_every_key() -> None:
         "balance",
         "fallback",
     }
+
+
+@pytest.mark.parametrize(("value", "expected"), [('"any"', "any"), ('"all"', "all")])
+def test_check_success(value: str, expected: str) -> None:
+    text = ('[uplinks.wan1]\ninterface = "eth0"\ntable = 101\nmark = 1\n'
+            f'[uplinks.wan1.check]\ntargets = ["192.0.2.1"]\nsuccess = {value}\n')
+    check = parse(text).uplinks[0].check
+    assert check is not None and check.success == expected
+
+
+def test_check_success_default_and_error() -> None:
+    base = '[uplinks.wan1]\ninterface = "eth0"\ntable = 101\nmark = 1\n[uplinks.wan1.check]\ntargets = ["192.0.2.1"]\n'
+    check = parse(base).uplinks[0].check
+    assert check is not None and check.success == "any"
+    with pytest.raises(ConfigError) as exc:
+        parse(base + 'success = "most"\n')
+    assert exc.value.errors == ('uplinks.wan1.check.success: expected "any" or "all", got "most"',)
