@@ -28,7 +28,7 @@ def need_system_prerequisites() -> None:
         missing("needs root to boot a container")
     absent = [t for t in TOOLS if shutil.which(t) is None]
     if absent:
-        missing(f"needs {', '.join(absent)} (scripts/install-deps installs them)")
+        missing(f"needs {', '.join(absent)} (scripts/install-deps --test installs them)")
     if not glob.glob("/sys/fs/cgroup/cgroup.controllers") and not os.path.isdir("/sys/fs/cgroup/unified"):
         missing("needs a cgroup v2 hierarchy (pure or hybrid)")
 

@@ -38,7 +38,7 @@ def lintian_tags(deb: str) -> list[tuple[str, str]]:
 
 def test_lintian_has_no_errors_and_every_tag_is_explained(deb: str) -> None:
     if shutil.which("lintian") is None:
-        missing("needs lintian (scripts/install-deps installs it)")
+        missing("needs lintian (scripts/install-deps --test installs it)")
     tags = lintian_tags(deb)
     assert not [t for sev, t in tags if sev == "E"], tags
     with open(README) as f:
