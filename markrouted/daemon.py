@@ -367,10 +367,11 @@ class Daemon:
         trigger = ", ".join(reasons) or "resync"
         log = self.log.bind(trigger=trigger)
         self.busy_since = time.monotonic()
+        old_ranges = set(self.old_ranges)
         try:
             self.health = self.monitor.verdicts()
             outcome = await loop.run_in_executor(
-                self.executor, self._kernel_pass, self.config, dict(self.health), set(self.old_ranges), full, log,
+                self.executor, self._kernel_pass, self.config, dict(self.health), old_ranges, full, log,
                 seen_gen,
             )
         finally:
@@ -395,7 +396,8 @@ class Daemon:
         self.failures = 0
         self.last_error = None
         self.in_sync = True
-        self.old_ranges.clear()
+        # only the ranges this pass cleared: a reload during the pass may have added one
+        self.old_ranges -= old_ranges
         previous = self.desired
         self.desired = result.desired
         self.last_pass = time.time()

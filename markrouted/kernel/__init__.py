@@ -137,7 +137,7 @@ class Kernel:
 
     def nft_generation(self) -> int | None:
         """The namespace's nf_tables generation id (one round-trip); None if unreadable."""
-        gen: int | None = self.nft._gen.read()
+        gen: int | None = self.nft.generation()
         return gen
 
     def write_sysctl(self, path: str, value: str) -> None:

@@ -95,6 +95,10 @@ class Nft:
             self._raw.close()
             self._raw = None
 
+    def generation(self) -> int | None:
+        """The namespace's nf_tables generation id (None: unreadable)."""
+        return self._gen.read()
+
     def forget(self) -> None:
         """Drop the remembered listing: the next ``read`` lists the table."""
         self._listing = None
