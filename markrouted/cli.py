@@ -8,6 +8,7 @@ a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import os
@@ -35,10 +36,17 @@ def _load(args: argparse.Namespace) -> Config:
         raise SystemExit(EXIT_ERROR) from None
 
 
-def _kernel(need_nft: bool = True) -> Any:
+def _kernel(args: argparse.Namespace, need_nft: bool = True) -> Any:
+    """The kernel adapter, closed when the command ends (main's exit stack).
+
+    Closing matters: pyroute2 0.9 keeps an event loop per socket, and one left
+    to the garbage collector at exit prints a traceback.
+    """
     from .kernel import Kernel
 
-    return Kernel(need_nft=need_nft)
+    kernel = Kernel(need_nft=need_nft)
+    args.exit_stack.callback(kernel.close)
+    return kernel
 
 
 # ------------------------------------------------------------------ commands
@@ -54,7 +62,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .collisions import Finding, analyse
     from .kernel.networkd import networkd_findings
 
-    kernel = _kernel(need_nft=False)
+    kernel = _kernel(args, need_nft=False)
     findings: list[Finding] = []
     try:
         kernel.nft.probe()
@@ -81,7 +89,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from .reconcile import compute
 
     config = _load(args)
-    kernel = _kernel()
+    kernel = _kernel(args)
     result = compute(config, kernel, _live_health())
     if result.plan.empty:
         print("in sync: nothing to change")
@@ -97,7 +105,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     config = _load(args)
     log = setup("quiet" if args.quiet else "console")
-    kernel = _kernel()
+    kernel = _kernel(args)
     result = reconcile(config, kernel, _live_health(), log=log)
     if not args.quiet:
         up = sum(1 for u in result.desired.uplinks if u.state == "up")
@@ -112,7 +120,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     config = _load(args)
     log = setup("quiet" if args.quiet else "console")
-    kernel = _kernel()
+    kernel = _kernel(args)
     writes = flush(config, kernel, log=log)
     if not args.quiet:
         print(f"flushed: {writes} objects removed" if writes else "flushed: nothing of markrouted's was installed")
@@ -141,7 +149,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from .reconcile import compute
 
         config = _load(args)
-        kernel = _kernel()
+        kernel = _kernel(args)
         result = compute(config, kernel)
         doc = document(result.desired, result.plan.empty)
     if args.json:
@@ -170,7 +178,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise Fatal(str(exc)) from None
-    kernel = _kernel(need_nft=False)
+    kernel = _kernel(args, need_nft=False)
     observed = kernel.observe(config)
     desired = derive(config, observed, _live_health())
     where = f"forwarded, in on {pkt.iif}" if pkt.iif else "generated on this host"
@@ -313,7 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .kernel.errors import KernelError
 
     try:
-        rc: int = args.func(args)
+        with contextlib.ExitStack() as stack:
+            args.exit_stack = stack
+            rc: int = args.func(args)
         return rc
     except Fatal as exc:
         print(f"markrouted: {exc}", file=sys.stderr)

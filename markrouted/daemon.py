@@ -572,13 +572,29 @@ class Daemon:
             os.unlink(os.path.join(self.run_dir, "status.json"))
         except OSError:
             pass
+        # closed by the thread that opened them (pyroute2 0.9 keeps a loop per socket)
+        await loop.run_in_executor(self.executor, self._close_kernel)
         self.executor.shutdown(wait=True)
+        for sock in self._sockets.values():
+            loop.remove_reader(sock.fileno())
+            sock.close()
+        if self._watch is not None:
+            loop.remove_reader(self._watch.fd)
+            self._watch.close()
         return 0
+
+    def _close_kernel(self) -> None:
+        if self.kernel is not None:
+            try:
+                self.kernel.close()
+            except OSError:
+                pass
+            self.kernel = None
 
     def _flush(self) -> int:
         from .kernel import Kernel
 
-        kernel = self.kernel or Kernel()
+        kernel = self.kernel = self.kernel or Kernel()
         kernel.invalidate_nft()
         n = flush(self.config, kernel, log=self.log.bind(trigger="stop"))
         for lo in self.old_ranges:
