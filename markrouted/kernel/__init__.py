@@ -80,6 +80,7 @@ class Kernel:
         # never set it and always read.
         self.nft_cached = False
         self._nft_cache: NftTable | None = None
+        self._names: dict[int, str] | None = None
         self.cache_nft = False
 
     @property
@@ -97,6 +98,8 @@ class Kernel:
 
     def observe(self, config: Config) -> Observed:
         links = self.netlink.links()
+        # actual() names the routes' interfaces from this reading: a pass reads links once
+        self._names = {link.index: link.name for link in links}
         prefix = cgroup_layout()
         ids: dict[str, int] = {}
         if prefix is not None:
@@ -126,7 +129,8 @@ class Kernel:
         rules: set[Rule] = set()
         for lo in {config.settings.rule_priority, *extra_ranges, *recorded_ranges(nft)}:
             rules.update(self.netlink.rules(lo, lo + 999))
-        names = {link.index: link.name for link in self.netlink.links()}
+        names = self._names if self._names is not None else {
+            link.index: link.name for link in self.netlink.links()}
         routes = frozenset(
             dataclasses.replace(r, ifname=names.get(r.oif, "")) if r.oif else r for r in self.netlink.routes()
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -250,28 +250,6 @@ def route_from_raw(r: RawRoute) -> Route:
     )
 
 
-def route_from_msg(family: int, table: int, msg: Any) -> Route:
-    dst = _attr(msg, "RTA_DST")
-    if dst is None:
-        dst = "0.0.0.0" if family == AF_INET else "::"
-    net = ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False)
-    rtype = msg["type"]
-    unicast = rtype == 1
-    return Route(
-        family=family,
-        table=table,
-        dst=str(net),
-        metric=_attr(msg, "RTA_PRIORITY", 0),
-        # the kernel echoes IPv6 unreachable routes with "dev lo"
-        oif=_attr(msg, "RTA_OIF", 0) if unicast else 0,
-        gateway=_attr(msg, "RTA_GATEWAY"),
-        prefsrc=_attr(msg, "RTA_PREFSRC"),
-        scope=msg["scope"],
-        onlink=bool(msg["flags"] & RTNH_F_ONLINK),
-        type=rtype,
-    )
-
-
 def _rule_args(rule: Rule) -> dict[str, Any]:
     args: dict[str, Any] = {
         "family": rule.family,
@@ -316,7 +294,3 @@ def _route_args(route: Route) -> dict[str, Any]:
     if route.onlink:
         args["flags"] = RTNH_F_ONLINK
     return args
-
-
-def ifindex_map(links: Iterable[Link]) -> dict[str, int]:
-    return {link.name: link.index for link in links}

@@ -27,12 +27,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pyroute2.netlink import NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink import nfgen_msg
-from pyroute2.netlink.nfnetlink.nftsocket import NFT_MSG_GETGEN, NFTSocket
 
-from ..model import NFT_FAMILY, NFT_TABLE, BaseHook, NftChain, NftRule, NftTable, NftUpdate
+from ..model import NFT_FAMILY, NFT_TABLE, NftChain, NftTable, NftUpdate
 from .errors import KernelError, PermissionDenied, Unsupported
 from .nftdump import NftDumper
 from .nftraw import RawRefill, encodable
@@ -80,14 +76,12 @@ class Nft:
         self.nft = _load_binding()
         self.nft.set_json_output(True)
         self.nft.set_handle_output(False)
-        self._gen = _Generation()
         self._dumper: NftDumper | None = None
         self._raw: RawRefill | None = None
         #: (generation id, the table as listed in that generation)
         self._listing: tuple[int, NftTable | None] | None = None
 
     def close(self) -> None:
-        self._gen.close()
         if self._dumper is not None:
             self._dumper.close()
             self._dumper = None
@@ -97,7 +91,9 @@ class Nft:
 
     def generation(self) -> int | None:
         """The namespace's nf_tables generation id (None: unreadable)."""
-        return self._gen.read()
+        if self._dumper is None:
+            self._dumper = NftDumper()
+        return self._dumper.generation()
 
     def forget(self) -> None:
         """Drop the remembered listing: the next ``read`` lists the table."""
@@ -121,14 +117,13 @@ class Nft:
 
     def read(self) -> NftTable | None:
         """The table as the kernel holds it now (None: absent); see the module doc."""
-        gen = self._gen.read()
+        gen = self.generation()
         if gen is not None and self._listing is not None and self._listing[0] == gen:
             return self._listing[1]
-        if self._dumper is None:
-            self._dumper = NftDumper()
+        assert self._dumper is not None  # opened by generation()
         table = self._dumper.read(NFT_TABLE)
         # remembered only when no transaction slipped in while listing
-        stable = gen is not None and self._gen.read() == gen
+        stable = gen is not None and self.generation() == gen
         self._listing = (gen, table) if stable and gen is not None else None
         return table
 
@@ -183,36 +178,6 @@ class Nft:
         rc, _out, err = self.nft.cmd(script)
         if rc != 0:
             raise _error(what, str(err))
-
-
-class _Generation:
-    """The nftables generation id of this network namespace (NFT_MSG_GETGEN).
-
-    None when it cannot be read (then every ``read`` lists the table): the id
-    only ever saves work, it is never needed for correctness.
-    """
-
-    def __init__(self) -> None:
-        self.sock: Any = None
-        try:
-            self.sock = NFTSocket()
-        except OSError:
-            pass
-
-    def read(self) -> int | None:
-        if self.sock is None:
-            return None
-        try:
-            msgs = self.sock.request_get(nfgen_msg(), NFT_MSG_GETGEN, msg_flags=NLM_F_REQUEST)
-            gen = msgs[0].get_attr("NFTA_GEN_ID")
-        except (NetlinkError, OSError, IndexError):
-            return None
-        return gen if isinstance(gen, int) else None
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def _chain_id(name: str) -> dict[str, Any]:
@@ -285,25 +250,6 @@ def replace_script(table: NftTable) -> str:
         lines.append(f"add chain {t} {chain.name}{spec}\n")
     lines += [_rule_lines(chain) for chain in table.chains]
     return "".join(lines)
-
-
-def parse_table(data: dict[str, Any]) -> NftTable:
-    chains: dict[str, tuple[BaseHook | None, list[NftRule]]] = {}
-    order: list[str] = []
-    for item in data.get("nftables", []):
-        if "chain" in item:
-            c = item["chain"]
-            base = None
-            if "hook" in c:
-                base = BaseHook(c.get("type", ""), c["hook"], int(c.get("prio", 0)), c.get("policy", "accept"))
-            chains[c["name"]] = (base, [])
-            order.append(c["name"])
-        elif "rule" in item:
-            r = item["rule"]
-            entry = chains.get(r["chain"])
-            if entry is not None:
-                entry[1].append(NftRule(json.dumps(r.get("expr", [])), "", r.get("comment", "")))
-    return NftTable(tuple(NftChain(n, chains[n][0], tuple(chains[n][1])) for n in order))
 
 
 def _error(what: str, text: str) -> KernelError:

@@ -20,7 +20,8 @@ from .errors import KernelError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE = 1, 4, 7
+NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETGEN = 1, 4, 7, 16
+NFTA_GEN_ID = 1
 NFPROTO_INET = 1
 NLM_F_ACK, NLM_F_DUMP = nl.NLM_F_ACK, nl.NLM_F_DUMP
 
@@ -68,6 +69,21 @@ class NftDumper:
             except nl.Interrupted:
                 continue
         raise KernelError("nf_tables dump kept being interrupted")
+
+    def generation(self) -> int | None:
+        """The namespace's nf_tables generation id, bumped by every commit of anyone.
+
+        None when it cannot be read: the id only ever saves work.
+        """
+        try:
+            for item in self._request(NFT_MSG_GETGEN, NLM_F_ACK, b""):
+                value = _attrs(item, _HDR.size + _NFGEN.size, len(item)).get(NFTA_GEN_ID)
+                if value and len(value) >= 4:
+                    gen: int = struct.unpack(">I", value[:4])[0]
+                    return gen
+        except (KernelError, OSError):
+            return None
+        return None
 
     def read(self, table: str = NFT_TABLE) -> NftTable | None:
         """The table's chains and rule comments; None when it does not exist."""
