@@ -1,6 +1,6 @@
 """Command line: check, plan, apply, status, explain, flush, run.
 
-Exit codes (SPEC §3): 0 ok / in sync, 1 error or invalid config, 3 changes
+Exit codes (markrouted(8)): 0 ok / in sync, 1 error or invalid config, 3 changes
 pending (plan). Failures the user can act on are one sentence on stderr, never
 a traceback.
 """

@@ -1012,7 +1012,7 @@ def _parse_policy(
             break
         allowed &= versions
     if iif is not None and (ids["uid"] or ids["gid"] or cgroup is not None):
-        # valid (SPEC's own example shows every key in one policy), but worth saying
+        # valid (the shipped example shows every key in one policy), but worth saying
         errors.warn(
             prefix,
             "iif matches forwarded traffic, uid/gid/cgroup only local sockets; no packet can match both",

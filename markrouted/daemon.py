@@ -3,7 +3,7 @@
 Events (rtnetlink, nf_tables, the config file, signals, timers) only mark a
 reconcile as due and say why; bursts collapse into one pass, at most one pass
 runs at a time, and a pass re-reads the kernel and enforces the whole desired
-state whatever woke it (level-triggered, STYLE.md). Kernel I/O runs in one
+state whatever woke it (level-triggered; docs/design.md). Kernel I/O runs in one
 worker thread: pyroute2's synchronous API is the one shared by Debian 12's
 0.7.2 and the 0.9 series, and 0.9's refuses to run inside an event loop.
 

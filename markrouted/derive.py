@@ -222,7 +222,7 @@ def derive_routes(views: Sequence[UplinkView]) -> frozenset[Route]:
 
 
 def derive_sysctls(config: Config, views: Sequence[UplinkView], observed: Observed) -> tuple[Sysctl, ...]:
-    """The sysctls policy routing needs (DOMAIN: rp_filter, src_valid_mark).
+    """The sysctls policy routing needs (rp_filter, src_valid_mark; see docs/design.md).
 
     Only changes are returned: a loosened rp_filter stays loosened, and a value
     that is already acceptable is left exactly as the administrator set it.

@@ -2,8 +2,8 @@
 
 ``Kernel`` gathers the adapters (rtnetlink, nftables, sysctls, cgroups) behind
 the few operations reconcile needs: observe the facts derivation depends on,
-read what markrouted owns, and write single objects. ``FakeKernel`` (in
-``fake``) implements the same surface in memory for the pure-core tests.
+read what markrouted owns, and write single objects. The test suite's
+``FakeKernel`` (``tests/fakekernel.py``) implements the same surface in memory.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class KernelAPI(Protocol):
     def add_rule(self, rule: Rule) -> bool: ...
     def del_rule(self, rule: Rule) -> bool: ...
     def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None: ...
+    def clear_conntrack(self, mark: int, mask: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -165,3 +166,9 @@ class Kernel:
         if self.cache_nft:
             self._nft_cache = None if update.remove else desired
             self.nft_cached = True
+
+    def clear_conntrack(self, mark: int, mask: int) -> None:
+        """Delete the conntrack entries whose ct mark is ``mark`` under ``mask`` (all families)."""
+        from .conntrack import clear_mark
+
+        clear_mark(mark, mask)

@@ -2,7 +2,7 @@
 
 Every reconcile re-reads what it depends on (level-triggered), so dumps are
 the hot path of a failover. pyroute2 decodes every attribute of every message
-into Python objects (about 3,000 messages/s, DOMAIN §23); here only the fixed
+into Python objects (about 3,000 messages/s, measured); here only the fixed
 headers and the few attributes markrouted reads are decoded, and the kernel
 filters what it can: with NETLINK_GET_STRICT_CHK a route dump asks for one
 protocol or one table only, so a full BGP table in main is never copied out

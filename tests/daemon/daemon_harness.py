@@ -52,7 +52,7 @@ AGENT = os.path.join(ROOT, "lab", "agent.py")
 
 #: How long a change may take to converge. Generous for loaded CI machines;
 #: a healthy daemon converges in milliseconds (carrier events: up to ~1 s of
-#: kernel link-watch delay, DOMAIN §19).
+#: kernel's link-watch rate limit).
 CONVERGE = 6.0
 
 
@@ -194,7 +194,7 @@ class TwoUplinks:
 
     @staticmethod
     def rule_key(r: dict[str, Any]) -> tuple[str, ...]:
-        """A rule's identity as ``ip`` shows it (DOMAIN §16)."""
+        """A rule's identity as ``ip`` shows it."""
         return tuple(str(r.get(k, "")) for k in ("family", "priority", "src", "srclen", "fwmark", "fwmask",
                                                 "table", "suppress_prefixlen"))
 

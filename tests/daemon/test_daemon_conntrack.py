@@ -1,4 +1,4 @@
-"""Failover clears the conntrack entries pinned to the dead uplink, and only those (DOMAIN §7).
+"""Failover clears the conntrack entries pinned to the dead uplink, and only those.
 
 Real flows carry the marks markrouted's own nft rules gave them (an outgoing
 ssh connection classified onto wan2, an incoming connection on wan1); crafted

@@ -55,7 +55,7 @@ def test_every_kind_of_drift_is_repaired_from_its_event(net: TwoUplinks, start: 
 
 
 def test_netlink_overflow_reopens_the_socket_and_resyncs(net: TwoUplinks, start: Start) -> None:
-    """ENOBUFS (DOMAIN §20): the lost events are made up for by re-reading everything.
+    """ENOBUFS: the lost events are made up for by re-reading everything.
 
     The daemon is stopped while a flood of route events (in a table it does not
     care about: the socket overflows whatever the filter) fills its queue, and
@@ -83,7 +83,7 @@ def test_netlink_overflow_reopens_the_socket_and_resyncs(net: TwoUplinks, start:
 
 @pytest.mark.parametrize("what", ["rule", "route"])
 def test_foreign_objects_in_the_owned_ranges_are_left_alone(net: TwoUplinks, start: Start, what: str) -> None:
-    """Ownership is positive (DOMAIN §11): an untagged rule in the priority range, or an
+    """Ownership is positive: an untagged rule in the priority range, or an
     untagged route in an uplink table, wakes the daemon but is never removed."""
     d = start(net, config_text())
     if what == "rule":

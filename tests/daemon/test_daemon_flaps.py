@@ -1,8 +1,8 @@
 """1,000 link flaps in a few seconds: responsive, coalesced, and right at the end.
 
 The flapped link is the uplink eth1 itself, administratively (no kernel
-rate limiting, unlike carrier changes, DOMAIN §19): every flap flushes table
-102 (DOMAIN §17), so every reconcile that sees it up writes. The flaps come
+rate limiting, unlike carrier changes): every flap flushes table
+102, so every reconcile that sees it up writes. The flaps come
 in bursts of 20 every 0.1 s, as a misbehaving driver or a script in a loop
 would produce them. A daemon that ran one pass per event would write
 thousands of times; a coalescing one writes a few times per burst.

@@ -40,7 +40,7 @@ def test_admin_down_moves_policy_and_admin_up_reinstalls_the_table(net: TwoUplin
     _wait_pick(d, net, "set_wan1")
     assert d.status()["policies"]["ssh"]["active"] == ["wan1"]  # type: ignore[index]
     assert d.lines("policy moved") and d.lines("uplink down")
-    # the kernel flushed table 102 silently (DOMAIN §17): only the safety net is left
+    # the kernel flushed table 102 silently: only the safety net is left
     assert not _default(net, 102)
     assert _default(net, 101)["gateway"] == "198.51.100.1"
 
@@ -82,7 +82,7 @@ def test_carrier_loss_fails_over_and_keeps_the_linkdown_routes(net: TwoUplinks, 
     net.peer.ip("link", "set", "p1", "down")  # the cable pulled at the far end
     d.wait_uplink("wan2", "down", "no carrier")
     _wait_pick(d, net, "set_wan1")
-    # carrier loss keeps the routes, flagged linkdown (DOMAIN §18): the policy
+    # carrier loss keeps the routes, flagged linkdown: the policy
     # moved in nftables, not by the accident of an emptied table
     d.wait(lambda: (r := _default(net, 102)).get("gateway") == "203.0.113.1" and "linkdown" in r.get("flags", []),
            "table 102's default route, flagged linkdown")

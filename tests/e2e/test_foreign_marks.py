@@ -1,4 +1,4 @@
-"""Other software's fwmark bits survive markrouted's marking (DOMAIN §3).
+"""Other software's fwmark bits survive markrouted's marking.
 
 Another nftables table on the host, ``inet other`` (think Kubernetes'
 0x4000), sets bit 0x4000 on the SSH traffic before markrouted's chains run

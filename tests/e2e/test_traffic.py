@@ -1,4 +1,4 @@
-"""Where packets go: every routing promise of the SPEC, proven with real connections.
+"""Where packets go: every routing promise markrouted makes, proven with real connections.
 
 Each test opens TCP connections in the lab (IPv4 and IPv6) and asks the far
 end which address it saw: the host's address at isp1 or at isp2 names the ISP

@@ -121,7 +121,7 @@ def test_without_cap_net_admin_flush_keeps_the_installed_state(host: Host) -> No
 
 
 def test_cap_net_admin_alone_suffices(host: Host) -> None:
-    """Least privilege: nobody holding only CAP_NET_ADMIN can apply (SPEC §5, DOMAIN 26)."""
+    """Least privilege: nobody holding only CAP_NET_ADMIN can apply."""
     caps = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
             "--inh-caps=-all,+net_admin", "--ambient-caps=+net_admin"]
     proc = host.mr("apply", prefix=caps)

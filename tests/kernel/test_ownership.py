@@ -1,4 +1,4 @@
-"""Positive ownership (SPEC §4): markrouted writes and removes only what it owns.
+"""Positive ownership: markrouted writes and removes only what it owns.
 
 Foreign rules (even inside markrouted's priority range), foreign route tables,
 foreign routes in the main table and in an uplink's table, and a foreign nft

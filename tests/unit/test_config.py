@@ -1,4 +1,4 @@
-"""The config contract (SPEC §2): exact error lines, defaults and parsed values."""
+"""The config contract (markrouted.toml(5)): exact error lines, defaults and parsed values."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from markrouted.config import (
 
 SHIPPED = Path(__file__).resolve().parents[2] / "etc" / "markrouted.toml"
 
-# SPEC §2, verbatim.
-SPEC_EXAMPLE = """\
+# The documented example (markrouted.toml(5)), every key in one place.
+DOC_EXAMPLE = """\
 [settings]
 mark_mask      = 0x00ff0000   # the fwmark bits markrouted owns (required to be contiguous)
 rule_priority  = 10000        # markrouted's ip rules use [rule_priority, rule_priority + 999]
@@ -79,7 +79,7 @@ balance = { wan1 = 3, wan2 = 1 }   # instead of 'uplinks': new flows split by we
                                    # flow sticky; weights re-spread over the usable uplinks
 """
 
-SPEC_IIF_LINE = (
+DOC_IIF_LINE = (
     'iif     = "lan0"              # match forwarded traffic entering here (omit: local + forwarded)\n'
 )
 
@@ -969,13 +969,13 @@ def test_policy_families(body: str, families: tuple[int, ...]) -> None:
     assert parsed.families == families
 
 
-# --------------------------------------------------------------------------- SPEC example
+# --------------------------------------------------------------------------- documented example
 
 
 def test_spec_example_verbatim_is_valid_with_a_warning() -> None:
-    # The SPEC example shows every key in one policy; iif (forwarded traffic) together
+    # The documented example shows every key in one policy; iif (forwarded traffic) together
     # with uid/cgroup (local sockets) can match no packet: valid, but warned about.
-    config = parse(SPEC_EXAMPLE)
+    config = parse(DOC_EXAMPLE)
     assert config.warnings == (
         "policy[0] (ssh): iif matches forwarded traffic, uid/gid/cgroup only local sockets; no packet can match both",
     )
@@ -989,8 +989,8 @@ def test_iif_with_local_socket_match_is_a_warning(body: str) -> None:
 
 
 def test_spec_example_values() -> None:
-    text = SPEC_EXAMPLE.replace(SPEC_IIF_LINE, "")
-    assert text != SPEC_EXAMPLE
+    text = DOC_EXAMPLE.replace(DOC_IIF_LINE, "")
+    assert text != DOC_EXAMPLE
     config = parse(text)
     assert config.settings == Settings(
         mark_mask=0x00FF0000, rule_priority=10000, resync=30.0, keep_main_routes=True, on_stop="flush"

@@ -230,9 +230,9 @@ def test_rules_exact() -> None:
 
 
 def test_rules_of_spec_example() -> None:
-    from test_config import SPEC_EXAMPLE
+    from test_config import DOC_EXAMPLE
 
-    state = derive(parse(SPEC_EXAMPLE), WORLD)
+    state = derive(parse(DOC_EXAMPLE), WORLD)
     assert texts(state.rules) == TWO_UPLINK_RULES
 
 
@@ -624,9 +624,9 @@ def test_balance_cascade_probabilities(weights: tuple[int, ...]) -> None:
 
 
 def test_balance_of_spec_example() -> None:
-    from test_config import SPEC_EXAMPLE
+    from test_config import DOC_EXAMPLE
 
-    state = derive(parse(SPEC_EXAMPLE), WORLD)
+    state = derive(parse(DOC_EXAMPLE), WORLD)
     assert chain(state, "pick_1") == ["numgen random mod 4 < 3 goto set_wan1", "goto set_wan2"]
     assert active(state, "balanced-downloads") == ("wan1", "wan2")
     assert active(state, "ssh") == ("wan2",)
@@ -709,10 +709,10 @@ def test_iif_renders_iifname() -> None:
 
 def test_spec_example_ssh_policy_cannot_match_anywhere() -> None:
     """iif (forwarded only) ANDed with uid/cgroup (local only) matches nothing: config warns, derive omits it."""
-    from test_config import SPEC_EXAMPLE
+    from test_config import DOC_EXAMPLE
 
     obs = dataclasses.replace(WORLD, cgroup_ids={"system.slice/backup.service": 4242})
-    state = derive(parse(SPEC_EXAMPLE), obs)
+    state = derive(parse(DOC_EXAMPLE), obs)
     assert not any("ssh" in t for t in policy_rules(state, "prerouting") + policy_rules(state, "output"))
     assert policy_rules(state, "output") == ["meta l4proto { tcp, udp, sctp, udplite } th dport 443 goto pick_1"]
 
@@ -732,7 +732,7 @@ def test_cgroup_rendering(prefix: str, path: str, text: str) -> None:
 
 
 def test_cgroup_level_ignores_the_hybrid_mount() -> None:
-    """The level counts inside the cgroup v2 tree: on a hybrid host "unified/mrtest.slice" is level 1 (DOMAIN 25)."""
+    """The level counts inside the cgroup v2 tree: on a hybrid host "unified/mrtest.slice" is level 1."""
     obs = dataclasses.replace(WORLD, cgroup_prefix="unified", cgroup_ids={"mrtest.slice": 77})
     state = derive(policy('cgroup = "mrtest.slice"'), obs)
     assert state.nft is not None

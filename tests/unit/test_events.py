@@ -1,7 +1,7 @@
 """kernel/events.py on crafted netlink bytes: what wakes the daemon and what is dropped early.
 
 The filter is what keeps a router carrying a full BGP table from waking
-markrouted for every route (DOMAIN §14), and what lets the daemon ignore its
+markrouted for every route, and what lets the daemon ignore its
 own nftables transactions while noticing everybody else's. Messages are built
 here field by field from the kernel's headers (rtnetlink.h, fib_rules.h,
 nf_tables.h), not by pyroute2, so the parser is checked against the wire

@@ -1,6 +1,6 @@
 """reconcile() against the in-memory kernel: order of writes, idempotence, repair, flush, errors.
 
-The fake keeps state the way the kernel does (``markrouted.kernel.fake``), so
+The fake keeps state the way the kernel does (``tests/fakekernel.py``), so
 these tests watch the level-triggered loop converge: the first pass writes
 everything in a safe order, the next writes nothing, and drift is put back.
 """
@@ -15,7 +15,7 @@ from test_derive import DOWN, ETH0, WORLD, config, set_link, with_addresses
 
 from markrouted.derive import derive
 from markrouted.kernel import KernelError, PermissionDenied
-from markrouted.kernel.fake import FakeKernel
+from fakekernel import FakeKernel
 from markrouted.model import (
     AF_INET,
     AF_INET6,
@@ -187,7 +187,7 @@ def test_health_failover_refills_one_chain() -> None:
 
 
 def test_admin_down_and_up_restores_the_uplinks_routes() -> None:
-    """Admin down flushes the link's IPv4 routes silently (DOMAIN 17); the next pass after up puts them back."""
+    """Admin down flushes the link's IPv4 routes silently; the next pass after up puts them back."""
     kernel = FakeKernel(WORLD)
     reconcile(config(), kernel)
     table_101 = {r for r in kernel.routes.values() if r.table == 101}

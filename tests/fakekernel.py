@@ -19,7 +19,8 @@ Semantics copied from the kernel (and from ``netlink``/``nft`` on top of it):
   deletes it whether or not it exists (the real adapter does add+delete).
 * sysctls: written values are what the next ``observe`` reports.
 
-It deliberately imports neither pyroute2 nor nftables.
+It deliberately imports neither pyroute2 nor nftables. It lives with the tests:
+it is a test double, not part of the installed package.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import errno
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..config import Config
-from ..model import (
+from markrouted.config import Config
+from markrouted.model import (
     Actual,
     Link,
     NftChain,
@@ -40,7 +41,7 @@ from ..model import (
     Route,
     Rule,
 )
-from .errors import KernelError
+from markrouted.kernel.errors import KernelError
 
 #: Tables the real adapter never reports as markrouted's (unspec, default, main, local).
 RESERVED_TABLES = frozenset({0, 253, 254, 255})
@@ -83,6 +84,8 @@ class FakeKernel:
         self.foreign_nft: dict[str, object] = {}
         self.writes: list[Write] = []
         self.faults: list[Fault] = []
+        #: (mark, mask) of every conntrack clear, in order
+        self.conntrack_cleared: list[tuple[int, int]] = []
         self.closed = False
 
     # ------------------------------------------------------------ test helpers
@@ -96,7 +99,7 @@ class FakeKernel:
         """Change a link as ``ip link set`` or a cable would.
 
         Admin down flushes the IPv4 routes over that link in every table
-        without telling anyone (DOMAIN 17); carrier loss keeps them (18).
+        without telling anyone; carrier loss keeps them.
         """
         links = []
         for link in self.observed.links:
@@ -200,6 +203,10 @@ class FakeKernel:
             want = desired.chain(chain.name) if chain.name in update.chains else None
             chains.append(dataclasses.replace(chain, rules=want.rules) if want else chain)
         self.nft = NftTable(tuple(chains))
+
+    def clear_conntrack(self, mark: int, mask: int) -> None:
+        self._write("clear_conntrack", (mark, mask))
+        self.conntrack_cleared.append((mark, mask))
 
     def close(self) -> None:
         self.closed = True
