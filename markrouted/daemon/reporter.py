@@ -55,6 +55,36 @@ def went_down(previous: DesiredState | None, now: DesiredState) -> list[UplinkSt
     return [u for u in now.uplinks if u.state == "down" and before.get(u.name, "up") == "up"]
 
 
+def log_transitions(log: Any, previous: DesiredState | None, now: DesiredState, writes: int, trigger: str,
+                    pending: Callable[[str], bool]) -> None:
+    """One journal line per change a pass made visible: uplinks, policies, repaired drift.
+
+    At start only what is wrong is said (an uplink down, unless its health
+    check has not decided yet: ``pending``); a pass that wrote although the
+    desired state did not change repaired drift.
+    """
+    before = {u.name: u for u in previous.uplinks} if previous else {}
+    for u in now.uplinks:
+        old = before.get(u.name)
+        if old is None and previous is not None:
+            continue
+        if old is None or old.state != u.state:
+            if previous is None and (u.state == "up" or pending(u.name)):
+                continue
+            event = "uplink up" if u.state == "up" else "uplink down"
+            logger = log.info if u.state == "up" else log.warning
+            logger(event, uplink=u.name, interface=u.interface, reason=u.reason, trigger=trigger)
+    pbefore = {p.name: p for p in previous.policies} if previous else {}
+    for p in now.policies:
+        old_p = pbefore.get(p.name)
+        if old_p is not None and old_p.active != p.active:
+            log.info("policy moved", policy=p.name, was=",".join(old_p.active) or p.fallback,
+                     now=",".join(p.active) or p.fallback)
+    if (previous is not None and writes
+            and (previous.rules, previous.routes, previous.nft) == (now.rules, now.routes, now.nft)):
+        log.warning("drift repaired", writes=writes, trigger=trigger)
+
+
 class Reporter:
     """Holds the daemon's published view and says it to the file, systemd and the journal."""
 
@@ -95,7 +125,7 @@ class Reporter:
         self.in_sync = True
         previous, self.desired = self.desired, result.desired
         self.last_pass = self.clock.time()
-        self._log_transitions(previous, result.desired, result.writes, trigger)
+        log_transitions(self.log, previous, result.desired, result.writes, trigger, self._pending)
         mask = config.settings.mark_mask
         for u in went_down(previous, result.desired):
             # flows pinned to an uplink that just became unusable must re-route
@@ -121,29 +151,6 @@ class Reporter:
             fields["READY"] = "1"
         self.reload_pending = False
         self.notify(**fields)
-
-    def _log_transitions(self, previous: DesiredState | None, now: DesiredState, writes: int,
-                         trigger: str) -> None:
-        before = {u.name: u for u in previous.uplinks} if previous else {}
-        for u in now.uplinks:
-            old = before.get(u.name)
-            if old is None and previous is not None:
-                continue
-            if old is None or old.state != u.state:
-                if previous is None and (u.state == "up" or self._pending(u.name)):
-                    continue
-                event = "uplink up" if u.state == "up" else "uplink down"
-                logger = self.log.info if u.state == "up" else self.log.warning
-                logger(event, uplink=u.name, interface=u.interface, reason=u.reason, trigger=trigger)
-        pbefore = {p.name: p for p in previous.policies} if previous else {}
-        for p in now.policies:
-            old_p = pbefore.get(p.name)
-            if old_p is not None and old_p.active != p.active:
-                self.log.info("policy moved", policy=p.name, was=",".join(old_p.active) or p.fallback,
-                              now=",".join(p.active) or p.fallback)
-        if (previous is not None and writes
-                and (previous.rules, previous.routes, previous.nft) == (now.rules, now.routes, now.nft)):
-            self.log.warning("drift repaired", writes=writes, trigger=trigger)
 
     def _pending(self, name: str) -> bool:
         checked = self.monitor.checked.get(name)

@@ -156,16 +156,30 @@ class InstantClock(Clock):
         self.now = 1000.0
         self.fire = True
         self.held: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self.soon: list[tuple[asyncio.Handle, list[bool]]] = []
 
     def monotonic(self) -> float:
         return self.now
 
     def call_later(self, delay: float, callback: Callable[..., object], *args: object) -> Timer:
         self.delays.append(delay)
+        loop = asyncio.get_running_loop()
         if not self.fire:
             self.held.append((callback, args))
-        return asyncio.get_running_loop().call_soon(callback, *args) if self.fire else asyncio.Handle(
-            lambda: None, (), asyncio.get_running_loop())
+            return asyncio.Handle(lambda: None, (), loop)
+        ran: list[bool] = []
+
+        def run() -> None:
+            ran.append(True)
+            callback(*args)
+
+        handle = loop.call_soon(run)
+        self.soon.append((handle, ran))
+        return handle
+
+    def quiet(self) -> bool:
+        """No timer is about to fire."""
+        return all(ran or handle.cancelled() for handle, ran in self.soon)
 
     def fire_held(self) -> None:
         held, self.held = self.held, []
@@ -213,8 +227,8 @@ class Harness:
             await asyncio.sleep(0.001)
 
     def idle(self) -> bool:
-        """No pass running and none asked for: without a new request no pass can start."""
-        return not self.daemon.requests.due and not self.daemon.requests.running
+        """No pass running, none asked for, no timer about to ask: no pass can start unasked."""
+        return not self.daemon.requests.due and not self.daemon.requests.running and self.clock.quiet()
 
     async def settled(self) -> None:
         await self.until(self.idle, "the daemon to be idle")
