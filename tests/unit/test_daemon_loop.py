@@ -155,7 +155,7 @@ class InstantClock(Clock):
         self.delays: list[float] = []
         self.now = 1000.0
         self.fire = True
-        self.held: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self.held: list[tuple[asyncio.Handle, Callable[..., object], tuple[object, ...]]] = []
         self.soon: list[tuple[asyncio.Handle, list[bool]]] = []
 
     def monotonic(self) -> float:
@@ -165,8 +165,9 @@ class InstantClock(Clock):
         self.delays.append(delay)
         loop = asyncio.get_running_loop()
         if not self.fire:
-            self.held.append((callback, args))
-            return asyncio.Handle(lambda: None, (), loop)
+            held = asyncio.Handle(lambda: None, (), loop)  # only its cancel() is used
+            self.held.append((held, callback, args))
+            return held
         ran: list[bool] = []
 
         def run() -> None:
@@ -183,8 +184,9 @@ class InstantClock(Clock):
 
     def fire_held(self) -> None:
         held, self.held = self.held, []
-        for callback, args in held:
-            callback(*args)
+        for handle, callback, args in held:
+            if not handle.cancelled():
+                callback(*args)
 
 
 # ------------------------------------------------------------------ the harness
@@ -563,3 +565,29 @@ def test_kernel_errors_do_not_reach_the_loop_thread(tmp_path: Path) -> None:
         assert h.notes.status.endswith("in sync")
 
     drive(tmp_path, body)
+
+
+def test_health_feed_requests_on_verdicts_and_throttles_refreshes() -> None:
+    from markrouted.daemon.sources import STATUS_REFRESH, HealthFeed
+    from markrouted.model import Health
+
+    async def main() -> None:
+        clock = InstantClock()
+        clock.fire = False
+        asked: list[str] = []
+        published: list[None] = []
+        feed = HealthFeed(asked.append, lambda: published.append(None), clock)
+        feed.changed("wan1", Health(False, "3 of 3 probes lost"))
+        assert asked == ["health check: wan1 down"]
+        for _ in range(5):
+            feed.round()  # five rounds end within one refresh period: one refresh
+        assert clock.delays == [STATUS_REFRESH] and not published
+        clock.fire_held()
+        assert len(published) == 1
+        feed.round()
+        assert clock.delays == [STATUS_REFRESH] * 2
+        feed.close()  # at stop: the pending refresh must not write the file again
+        clock.fire_held()
+        assert len(published) == 1
+
+    asyncio.run(main())
