@@ -133,7 +133,7 @@ def start_markrouted(lab: Lab, config: str, want_daemon: bool = True) -> Markrou
     status within a few seconds; otherwise the demo falls back to ``apply``
     after every change. To require the daemon, raise instead of falling back.
     """
-    if want_daemon and os.path.exists(os.path.join(ROOT, "markrouted", "daemon.py")):
+    if want_daemon and os.path.exists(os.path.join(ROOT, "markrouted", "daemon", "__init__.py")):
         log_path = os.path.join(lab.run_dir, "markrouted.log")
         with open(log_path, "w") as log:
             proc = subprocess.Popen(
