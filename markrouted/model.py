@@ -11,7 +11,6 @@ duplicate rules other tools accumulate across restarts.
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import socket
@@ -317,12 +316,6 @@ class Actual:
 
 
 # ------------------------------------------------------------------- plans
-
-
-class Op(enum.Enum):
-    ADD = "+"
-    CHANGE = "~"
-    REMOVE = "-"
 
 
 @dataclass(frozen=True)
