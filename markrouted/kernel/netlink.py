@@ -44,7 +44,7 @@ RESERVED_TABLES = (0, 253, 254, 255)
 
 @contextmanager
 def _translate(what: str) -> Iterator[None]:
-    from pyroute2.netlink.exceptions import NetlinkError  # loaded already: only ipr's calls get here
+    from pyroute2.netlink.exceptions import NetlinkError  # the call it wraps needs pyroute2 anyway
 
     try:
         yield
