@@ -40,9 +40,9 @@ print(json.dumps({"rc": rc, "out": out.getvalue(), "modules": sorted(sys.modules
 """
 
 
-def run(*argv: str) -> dict[str, object]:
+def run(*argv: str, env: dict[str, str] | None = None) -> dict[str, object]:
     proc = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=60)
+                          env={**os.environ, "PYTHONPATH": ROOT, **(env or {})}, timeout=60)
     assert proc.returncode == 0, proc.stderr
     result: dict[str, object] = json.loads(proc.stdout)
     return result
@@ -69,6 +69,18 @@ def test_an_invalid_config_is_reported_without_the_kernel_package(tmp_path: obje
     result = run("-c", path, "check")
     assert result["rc"] == 1
     assert heavy(result["modules"]) == []
+
+
+def test_status_next_to_a_daemon_reads_its_file_and_nothing_else(tmp_path: object) -> None:
+    """A running daemon's view is one JSON file: no config, no kernel, no derivation."""
+    doc = {"pid": os.getpid(), "in_sync": True, "uplinks": {}, "policies": {}}  # a live pid, our netns
+    with open(os.path.join(str(tmp_path), "status.json"), "w") as f:
+        json.dump(doc, f)
+    result = run("-c", "/nonexistent.toml", "status", env={"MARKROUTED_RUN_DIR": str(tmp_path)})
+    assert result["rc"] == 0 and "in sync; daemon" in str(result["out"])
+    modules = result["modules"]
+    assert isinstance(modules, list)
+    assert heavy(modules) == [] and "markrouted.config" not in modules
 
 
 def test_the_version_loads_only_the_parser() -> None:
