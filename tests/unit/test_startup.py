@@ -1,4 +1,5 @@
-"""What loading the command line costs: ``check`` reads the config and nothing else.
+"""What the command line loads: ``check`` the config and nothing else, ``status`` next
+to a running daemon only its status file.
 
 Each case runs in a fresh interpreter, so what an earlier test imported does
 not hide what the command imports (``bench/startup.py`` measures the time).
