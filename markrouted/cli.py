@@ -3,21 +3,27 @@
 Exit codes (markrouted(8)): 0 ok / in sync, 1 error or invalid config, 3 changes
 pending (plan). Failures the user can act on are one sentence on stderr, never
 a traceback.
+
+Each command imports what it uses when it runs, and nothing at module level
+beyond argparse: ``status`` next to a running daemon reads one file, ``check``
+loads the kernel adapters only with ``--kernel``, and pyroute2 (writes and
+explain's route lookup), structlog and systemd (logging) only where they are
+used. ``bench/startup.py`` measures it; ``docs/design.md`` says why.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ipaddress
-import json
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
-from .config import Config, ConfigError, load
+
+if TYPE_CHECKING:
+    from .config import Config
 
 DEFAULT_CONFIG = "/etc/markrouted.toml"
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 3
@@ -28,6 +34,8 @@ class Fatal(Exception):
 
 
 def _load(args: argparse.Namespace) -> Config:
+    from .config import ConfigError, load
+
     try:
         return load(args.config)
     except ConfigError as exc:
@@ -153,6 +161,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         result = compute(config, kernel)
         doc = document(result.desired, result.plan.empty)
     if args.json:
+        import json
+
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
         print(render(doc))
@@ -160,6 +170,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    import ipaddress
+
     from .derive import derive
     from .explain import Packet, classify, proto_number
 
@@ -316,10 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _kernel_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a KernelError, without loading the kernel package for it:
+    a command that never imported the package cannot have raised one."""
+    errors = sys.modules.get(f"{__package__}.kernel.errors")
+    return errors is not None and isinstance(exc, errors.KernelError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .kernel.errors import KernelError
-
     try:
         with contextlib.ExitStack() as stack:
             args.exit_stack = stack
@@ -327,14 +344,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rc
     except Fatal as exc:
         print(f"markrouted: {exc}", file=sys.stderr)
-    except KernelError as exc:
-        print(f"markrouted: {exc}", file=sys.stderr)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         # the reader went away (markrouted plan | head): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except Exception as exc:
+        if not _kernel_error(exc):
+            raise
+        print(f"markrouted: {exc}", file=sys.stderr)
     return EXIT_ERROR
 
 

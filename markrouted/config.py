@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 __all__ = [
     "DEFAULT_PATH",
@@ -56,6 +56,15 @@ PortRange: TypeAlias = tuple[int, int]
 """Inclusive ``(lo, hi)``; a single port ``p`` is ``(p, p)``."""
 IdRange: TypeAlias = tuple[int, int]
 """Inclusive ``(lo, hi)`` of uids or gids."""
+
+# The string choices of the config, as types: mypy --strict then checks every
+# comparison and every construction against the values the file may hold.
+OnStop: TypeAlias = Literal["flush", "keep"]
+GatewayKind: TypeAlias = Literal["auto", "none", "address"]
+ProbeMethod: TypeAlias = Literal["icmp", "tcp"]
+Success: TypeAlias = Literal["any", "all"]
+Family: TypeAlias = Literal["ipv4", "ipv6", "any"]
+Fallback: TypeAlias = Literal["main", "drop"]
 
 
 class ConfigError(Exception):
@@ -88,7 +97,7 @@ class Settings:
     resync: float = 30.0
     """Seconds between full re-reads of the kernel."""
     keep_main_routes: bool = True
-    on_stop: str = "flush"
+    on_stop: OnStop = "flush"
     """``"flush"`` or ``"keep"``."""
 
     @property
@@ -117,7 +126,7 @@ class Gateway:
     ``"address"`` with ``address`` set.
     """
 
-    kind: str
+    kind: GatewayKind
     address: IPAddress | None = None
 
 
@@ -126,14 +135,14 @@ class Check:
     """An uplink's health check; durations are in seconds."""
 
     targets: tuple[IPAddress, ...]
-    method: str = "icmp"
+    method: ProbeMethod = "icmp"
     """``"icmp"`` or ``"tcp"`` (then ``port`` is set)."""
     port: int | None = None
     interval: float = 1.0
     timeout: float = 1.0
     down_after: int = 3
     up_after: int = 3
-    success: str = "any"
+    success: Success = "any"
     """A round succeeds when ``"any"`` target answers (default), or only when ``"all"`` do."""
 
 
@@ -173,13 +182,13 @@ class Policy:
     gid: tuple[IdRange, ...] = ()
     cgroup: str | None = None
     """cgroup v2 path relative to the root, without leading or trailing '/'."""
-    family: str = "any"
+    family: Family = "any"
     """``"ipv4"``, ``"ipv6"`` or ``"any"``."""
     uplinks: tuple[str, ...] = ()
     """Failover order; empty when ``balance`` is used."""
     balance: tuple[tuple[str, int], ...] = ()
     """``(uplink, weight)`` in the order written; empty when ``uplinks`` is used."""
-    fallback: str = "main"
+    fallback: Fallback = "main"
     """``"main"`` or ``"drop"``."""
 
     @functools.cached_property
@@ -455,15 +464,19 @@ def _at_least(value: object, path: str, lo: int, errors: _Errors) -> int | None:
     return number
 
 
-def _choice(value: object, path: str, choices: tuple[str, ...], errors: _Errors) -> str | None:
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _choice(value: object, path: str, choices: tuple[_Choice, ...], errors: _Errors) -> _Choice | None:
     text = _str(value, path, errors)
     if text is None:
         return None
-    if text not in choices:
-        wanted = ", ".join(_q(c) for c in choices[:-1]) + f" or {_q(choices[-1])}"
-        errors.add(path, f"expected {wanted}, got {_q(text)}")
-        return None
-    return text
+    for choice in choices:
+        if text == choice:
+            return choice
+    wanted = ", ".join(_q(c) for c in choices[:-1]) + f" or {_q(choices[-1])}"
+    errors.add(path, f"expected {wanted}, got {_q(text)}")
+    return None
 
 
 def _duration(value: object, path: str, errors: _Errors) -> tuple[float, str] | None:
@@ -609,7 +622,7 @@ def _parse_settings(data: object, errors: _Errors) -> tuple[Settings, bool]:
                 if flag is not None:
                     keep_main_routes = flag
             case "on_stop":
-                choice = _choice(value, path, ("flush", "keep"), errors)
+                choice: OnStop | None = _choice(value, path, ("flush", "keep"), errors)
                 if choice is not None:
                     on_stop = choice
             case _:
@@ -803,7 +816,7 @@ def _gateway(value: object, path: str, version: int, errors: _Errors) -> Gateway
     if text is None:
         return None
     if text in ("auto", "none"):
-        return Gateway(text)
+        return Gateway("auto" if text == "auto" else "none")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
@@ -828,14 +841,14 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
     if table is None:
         return None
     targets: list[IPAddress] = []
-    method = "icmp"
+    method: ProbeMethod = "icmp"
     port: int | None = None
     interval, interval_text = 1.0, "1s"
     timeout: tuple[float, str] | None = (1.0, "1s")
     interval_ok = True
     down_after = 3
     up_after = 3
-    success = "any"
+    success: Success = "any"
     for key, value in table.items():
         path = f"{prefix}.{_key(key)}"
         match key:
@@ -894,7 +907,7 @@ def _targets(value: object, path: str, errors: _Errors) -> list[IPAddress]:
     return targets
 
 
-def _method(value: object, path: str, errors: _Errors) -> tuple[str, int | None] | None:
+def _method(value: object, path: str, errors: _Errors) -> tuple[ProbeMethod, int | None] | None:
     text = _str(value, path, errors)
     if text is None:
         return None
@@ -964,10 +977,10 @@ def _parse_policy(
     ids: dict[str, tuple[IdRange, ...]] = {"uid": (), "gid": ()}
     iif: str | None = None
     cgroup: str | None = None
-    family = "any"
+    family: Family = "any"
     uplinks: tuple[str, ...] = ()
     balance: tuple[tuple[str, int], ...] = ()
-    fallback = "main"
+    fallback: Fallback = "main"
     for key, value in table.items():
         path = f"{prefix}.{_key(key)}"
         match key:

@@ -62,7 +62,6 @@ from .model import (
 )
 
 RT_SCOPE_LINK = 253
-RTN_UNICAST = 1
 #: The metric of the safety-net ``unreachable default`` in every uplink table.
 UNREACHABLE_METRIC = 0xFFFFFFFF - 1
 V6_DEFAULT_METRIC = 1024

@@ -11,13 +11,12 @@ duplicate rules other tools accumulate across restarts.
 
 from __future__ import annotations
 
-import enum
 import functools
 import json
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
@@ -271,11 +270,14 @@ class NftTable:
 # ------------------------------------------------------------------- desired
 
 
+UplinkState: TypeAlias = Literal["up", "down"]
+
+
 @dataclass(frozen=True)
 class UplinkStatus:
     name: str
     interface: str
-    state: str  # "up" | "down"
+    state: UplinkState
     reason: str
     gateway: str | None
     gateway6: str | None
@@ -293,7 +295,7 @@ class UplinkStatus:
 class PolicyStatus:
     name: str
     active: tuple[str, ...]  # uplinks carrying new flows now; empty: fallback applies
-    fallback: str
+    fallback: Literal["main", "drop"]  # the policy's (config.Fallback)
     families: tuple[int, ...]
 
 
@@ -317,12 +319,6 @@ class Actual:
 
 
 # ------------------------------------------------------------------- plans
-
-
-class Op(enum.Enum):
-    ADD = "+"
-    CHANGE = "~"
-    REMOVE = "-"
 
 
 @dataclass(frozen=True)

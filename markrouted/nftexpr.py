@@ -94,10 +94,6 @@ def goto(chain: str) -> X:
     return X({"goto": {"target": chain}}, f"goto {chain}")
 
 
-def jump(chain: str) -> X:
-    return X({"jump": {"target": chain}}, f"jump {chain}")
-
-
 def verdict(name: str) -> X:
     """accept | drop | return"""
     return X({name: None}, name)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -81,6 +80,8 @@ class Publisher:
 
 def write_text_atomic(text: str, directory: str | None = None) -> None:
     """Replace the status file in one rename: a reader never sees half a document."""
+    import tempfile  # the daemon's only: status, plan and the rest never write
+
     directory = directory or run_dir()
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".status.")

@@ -17,9 +17,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
 from ..model import (
     MAIN_TABLE,
     AF_INET,
@@ -47,6 +44,8 @@ RESERVED_TABLES = (0, 253, 254, 255)
 
 @contextmanager
 def _translate(what: str) -> Iterator[None]:
+    from pyroute2.netlink.exceptions import NetlinkError  # the call it wraps needs pyroute2 anyway
+
     try:
         yield
     except NetlinkError as exc:
@@ -70,15 +69,29 @@ class Netlink:
     """
 
     def __init__(self) -> None:
-        try:
-            self.ipr = IPRoute()
-        except OSError as exc:
-            raise KernelError(f"cannot open a netlink socket: {exc}") from exc
         self.dumper = Dumper()
+        self._ipr: Any = None
+
+    @property
+    def ipr(self) -> Any:
+        """pyroute2's socket, opened (and pyroute2 imported) at the first write or lookup.
+
+        The read-only commands never need it: importing pyroute2 alone would
+        double the start-up time of ``plan`` (see bench/startup.py).
+        """
+        if self._ipr is None:
+            from pyroute2 import IPRoute
+
+            try:
+                self._ipr = IPRoute()
+            except OSError as exc:
+                raise KernelError(f"cannot open a netlink socket: {exc}") from exc
+        return self._ipr
 
     def close(self) -> None:
         self.dumper.close()
-        self.ipr.close()
+        if self._ipr is not None:
+            self._ipr.close()
 
     # ---------------------------------------------------------------- reading
 
