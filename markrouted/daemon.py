@@ -330,9 +330,6 @@ class Daemon:
                 from .kernel import Kernel
 
                 self.kernel = Kernel()
-                self.kernel.cache_nft = True
-            if full or (seen_gen is not None and self.kernel.nft_generation() != seen_gen):
-                self.kernel.invalidate_nft()
             if self.deriver is None or self.deriver.config is not config:
                 self.deriver = Deriver(config)
             result = reconcile(config, self.kernel, health, log=log, extra_ranges=extra, deriver=self.deriver)
@@ -343,8 +340,6 @@ class Daemon:
         except (PermissionDenied, Unsupported):
             raise
         except KernelError as exc:
-            if self.kernel is not None:
-                self.kernel.invalidate_nft()
             return PassOutcome(None, exc, time.perf_counter() - start)
         except OSError as exc:
             # a netlink socket in a bad state: start over with fresh ones
@@ -595,7 +590,6 @@ class Daemon:
         from .kernel import Kernel
 
         kernel = self.kernel = self.kernel or Kernel()
-        kernel.invalidate_nft()
         n = flush(self.config, kernel, log=self.log.bind(trigger="stop"))
         for lo in self.old_ranges:
             old = dataclasses.replace(self.config, settings=dataclasses.replace(self.config.settings, rule_priority=lo))

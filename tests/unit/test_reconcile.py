@@ -162,14 +162,26 @@ def test_deleted_nft_table_is_replaced() -> None:
     converged(kernel)
 
 
-def test_flushed_chain_is_refilled() -> None:
+def test_flushed_hook_chain_replaces_the_table() -> None:
+    """A hook chain's rules are outside the raw refill's vocabulary: the table is replaced whole."""
     kernel = FakeKernel(WORLD)
     reconcile(config(), kernel)
     assert kernel.nft is not None
     kernel.nft = NftTable(tuple(NftChain(c.name, c.base, ()) if c.name == "output" else c for c in kernel.nft.chains))
     kernel.clear_writes()
     reconcile(config(), kernel)
-    assert kernel.writes == [("nft_apply", NftUpdate(chains=("output",)))]
+    assert kernel.writes == [("nft_apply", NftUpdate(replace=True))]
+    converged(kernel)
+
+
+def test_flushed_pick_chain_is_refilled() -> None:
+    kernel = FakeKernel(WORLD)
+    reconcile(config(), kernel)
+    assert kernel.nft is not None
+    kernel.nft = NftTable(tuple(NftChain(c.name, c.base, ()) if c.name == "pick_0" else c for c in kernel.nft.chains))
+    kernel.clear_writes()
+    reconcile(config(), kernel)
+    assert kernel.writes == [("nft_apply", NftUpdate(chains=("pick_0",)))]
     converged(kernel)
 
 
