@@ -15,7 +15,8 @@ Semantics copied from the kernel (and from ``netlink``/``nft`` on top of it):
   records (its ``RANGE_CHAIN`` chains), exactly like the real adapter.
 * routes: ``set_route`` is ``ip route replace``, one route per ``Route.key``;
   a route over a link that is missing or administratively down is refused
-  (ENODEV / ENETDOWN), as the kernel does. ``actual`` returns the tagged
+  (ENODEV; ENETUNREACH for a gateway that is not onlink, else ENETDOWN), as
+  the kernel does. ``actual`` returns the tagged
   routes outside the reserved tables; ``foreign_routes`` are never touched.
 * nftables: the table is stored as the ``NftTable`` it was last made; a
   replace installs the desired table whole, a refill swaps the rules of the
@@ -170,6 +171,9 @@ class FakeKernel:
             link = next((ln for ln in self.observed.links if ln.index == route.oif), None)
             if link is None:
                 raise KernelError(f"{route}: No such device", errno.ENODEV)
+            if not link.up and route.gateway and not route.onlink:
+                # the gateway is looked up over the link's connected route, flushed at admin down
+                raise KernelError(f"{route}: Network is unreachable", errno.ENETUNREACH)
             if not link.up:
                 raise KernelError(f"{route}: Network is down", errno.ENETDOWN)
         self.routes[route.key] = route

@@ -330,6 +330,9 @@ def test_fake_refuses_a_route_over_a_down_link() -> None:
     route = Route(V4, 101, "0.0.0.0/0", 0, ETH0, gateway="198.51.100.1")
     with pytest.raises(KernelError) as info:
         kernel.set_route(route)
+    assert info.value.code == errno.ENETUNREACH  # the gateway's connected route went with the link
+    with pytest.raises(KernelError) as info:
+        kernel.set_route(dataclasses.replace(route, onlink=True))
     assert info.value.code == errno.ENETDOWN
     with pytest.raises(KernelError) as info:
         kernel.set_route(dataclasses.replace(route, oif=99))
