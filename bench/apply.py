@@ -498,6 +498,36 @@ def child(args: argparse.Namespace) -> int:
         raise RuntimeError("a rule added by hand to the nft table went unnoticed")
     in_sync("the drift repair")
 
+    # a pick chain flushed by hand: only that chain is refilled
+    run(["nft", "flush chain inet markrouted pick_0"])
+    t0 = time.perf_counter()
+    repair = reconcile(config, kernel, deriver=deriver)
+    report["drift_pick_s"] = time.perf_counter() - t0
+    report["drift_pick_writes"] = repair.writes
+    if repair.plan.nft.empty or repair.plan.nft.replace:
+        raise RuntimeError(f"a flushed pick chain was not refilled alone: {repair.plan.nft}")
+    in_sync("the pick chain's repair")
+
+    # failover: a health check takes the first uplink down, then back up; the
+    # pick chains that used it are refilled (what the daemon does on a verdict)
+    from markrouted.model import Health
+
+    down = {config.uplinks[0].name: Health(False, "benchmark")}
+    failover: list[float] = []
+    failover_cpu: list[float] = []
+    for _ in range(args.runs):
+        for health in (down, {}):
+            watch = Stopwatch()
+            result = reconcile(config, kernel, health, deriver=deriver)
+            wall, cpu_s = watch.stop()
+            if result.plan.nft.replace or not result.plan.nft.chains:
+                raise RuntimeError(f"a failover did not refill pick chains: {result.plan.nft}")
+            failover.append(wall)
+            failover_cpu.append(cpu_s)
+    report["failover_s"] = failover
+    report["failover_cpu"] = failover_cpu
+    in_sync("the failovers")
+
     with tempfile.TemporaryDirectory(prefix="markrouted-bench-") as tmp:
         script = os.path.join(tmp, "per-object.sh")
         text = per_object_script(desired)
@@ -638,6 +668,9 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
             "the part of a no-op that is not derivation"),
         ("drift repair (a rule added to the table by hand)", fmt_s(report["drift_s"]), "", "1 run",
          f"{report['drift_writes']} write; seen by the very next pass of the same process"),
+        ("drift repair (a pick chain flushed by hand)", fmt_s(report["drift_pick_s"]), "", "1 run",
+         f"{report['drift_pick_writes']} write; that chain refilled alone"),
+        row("failover or failback (health verdict)", "failover", "pick chains refilled"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     head = (f"markrouted apply benchmark: {UPLINKS} uplinks, {POLICIES} policies -> "
