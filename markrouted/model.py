@@ -196,7 +196,11 @@ class Health:
 
 @dataclass(frozen=True, order=True)
 class Rule:
-    """An ip rule owned by markrouted (proto RTPROT_MARKROUTED is implied)."""
+    """An ip rule owned by markrouted (proto RTPROT_MARKROUTED is implied).
+
+    Its wire form, its ownership filter and the events that concern it live in
+    ``kernel/rules.py``, whose docstring lists every place a rule is handled.
+    """
 
     family: int
     priority: int
@@ -226,6 +230,7 @@ class Route:
 
     ``key`` is what the kernel considers the route's slot (a replace with the
     same key changes it in place, without a gap); the rest are its attributes.
+    Its wire form and ownership filter live in ``kernel/routes.py``.
     """
 
     family: int
@@ -466,9 +471,11 @@ class Op(enum.Enum):
 class NftUpdate:
     """How to bring the nft table to the desired one.
 
-    ``replace``: rebuild the whole table in one transaction (structure changed
-    or table missing). Otherwise ``chains`` names the chains whose rules are
-    flushed and refilled in one transaction. ``remove``: delete the table.
+    ``replace``: rebuild the whole table in one transaction (table missing,
+    structure changed, or a changed chain outside the raw refill's vocabulary).
+    Otherwise ``chains`` names the chains, all ``raw_refillable``, whose rules
+    are flushed and refilled in one transaction. ``remove``: delete the table.
+    The kernel adapter has one write path for each (``kernel/nft.py``).
     """
 
     replace: bool = False
