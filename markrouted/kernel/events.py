@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ..model import NFT_TABLE
 from . import nl, routes, rules
+from .nft import concerns
 from .routes import RTM_DELROUTE, RTM_NEWROUTE
 from .rules import RTM_DELRULE, RTM_NEWRULE
 from .nl import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_GEN_ID, NFTA_GEN_PROC_PID, SOL_NETLINK
@@ -109,7 +110,8 @@ def parse_rtnl(data: bytes, interest: Interest) -> list[Event]:
 class NftWatch:
     """Follows nf_tables transactions; reports those that touched our table and were not ours.
 
-    Every object message names its table in attribute 1; a transaction ends
+    Every object message names its table in attribute 1 (whether that is ours
+    is decided with the table, ``nft.concerns``); a transaction ends
     with NEWGEN carrying the id of the task (thread) that made it. Our own
     writes are recognised by that id and ignored: the process's pid and the
     thread ids the daemon registers in ``also_own`` (its kernel worker).
@@ -140,8 +142,7 @@ class NftWatch:
                     out.append(Event("nft", f"table inet {NFT_TABLE} changed by pid {pid}"))
                 self.touched = False
                 continue
-            name = attrs.get(NFTA_TABLE_NAME, b"").rstrip(b"\0")
-            if family == NFPROTO_INET and name == NFT_TABLE.encode():
+            if concerns(family, attrs.get(NFTA_TABLE_NAME, b"")):
                 self.touched = True
         return out
 

@@ -34,6 +34,9 @@ listing with our change applied: it is remembered as the listing of the new
 generation. Any other id (someone else's commit slipped in, or the id is
 unreadable) drops the listing, and the next ``read`` dumps the table again.
 Nothing else is assumed: the kernel stays the only source of truth.
+
+Which nf_tables notifications concern the table is decided here too
+(``concerns``, used by ``events.NftWatch``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from typing import Any
 
 from ..model import NFT_FAMILY, NFT_TABLE, NftChain, NftTable, NftUpdate
 from .errors import KernelError, Unsupported, denied
+from .nl import NFPROTO_INET
 from .nftdump import NftDumper
 from .nftraw import RawRefill
 
@@ -83,6 +87,14 @@ def lacks_net_admin(status: str = "/proc/self/status") -> bool:
     except (OSError, ValueError, IndexError):
         pass
     return False  # cannot tell: let the kernel decide
+
+
+def concerns(family: int, table: bytes) -> bool:
+    """Whether an nf_tables object message (its family, its table's name attribute) is about our table.
+
+    The event filter of ``events.NftWatch``: markrouted owns ``inet markrouted`` only.
+    """
+    return family == NFPROTO_INET and table.rstrip(b"\0") == NFT_TABLE.encode()
 
 
 def next_generation(gen: int) -> int:
