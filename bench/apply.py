@@ -381,7 +381,7 @@ def median_index(values: Sequence[float]) -> int:
 
 def child(args: argparse.Namespace) -> int:
     from markrouted.config import load
-    from markrouted.derive import Deriver, derive
+    from markrouted.derive import Deriver, derive, needs
     from markrouted.diff import diff
     from markrouted.kernel import Kernel
     from markrouted.reconcile import compute, flush, reconcile
@@ -392,9 +392,13 @@ def child(args: argparse.Namespace) -> int:
 
     def empty_kernel() -> None:
         flush(config, kernel)
-        actual = kernel.actual(config)
+        actual = kernel.actual([config.settings.rule_priority])
         if actual.rules or actual.routes or actual.nft is not None:
             raise RuntimeError("flush left owned objects behind")
+
+    def someone_elses_transaction() -> None:
+        """An nftables commit by another process: the generation moves, the table is listed again."""
+        run(["nft", "add table ip mrbench_other; delete table ip mrbench_other"])
 
     def in_sync(what: str) -> None:
         plan = compute(config, kernel).plan
@@ -461,18 +465,18 @@ def child(args: argparse.Namespace) -> int:
     reconciles("noop_oneshot", lambda: None, expect_noop=True, pass_deriver=lambda: None)
     # what a no-op costs when the nft table must be listed again: the first pass
     # after any nftables transaction on the host, or a process without a listing
-    reconciles("noop_relist", kernel.nft.forget, expect_noop=True)
+    reconciles("noop_relist", someone_elses_transaction, expect_noop=True)
 
     # a no-op whose derivation is reused because its inputs did not change: the
     # floor of any reconcile that re-reads the kernel (observe, actual, diff)
-    observed = kernel.observe(config)
+    observed = kernel.observe(needs(config))
     now = derive(config, observed)
     reused: list[float] = []
     reused_cpu: list[float] = []
     for _ in range(3 * args.runs):
         watch = Stopwatch()
-        same = kernel.observe(config) == observed
-        plan = diff(now, kernel.actual(config))
+        same = kernel.observe(needs(config)) == observed
+        plan = diff(now, kernel.actual([config.settings.rule_priority]))
         wall, cpu = watch.stop()
         reused.append(wall)
         reused_cpu.append(cpu)
@@ -493,6 +497,36 @@ def child(args: argparse.Namespace) -> int:
     if repair.plan.nft.empty:
         raise RuntimeError("a rule added by hand to the nft table went unnoticed")
     in_sync("the drift repair")
+
+    # a pick chain flushed by hand: only that chain is refilled
+    run(["nft", "flush chain inet markrouted pick_0"])
+    t0 = time.perf_counter()
+    repair = reconcile(config, kernel, deriver=deriver)
+    report["drift_pick_s"] = time.perf_counter() - t0
+    report["drift_pick_writes"] = repair.writes
+    if repair.plan.nft.empty or repair.plan.nft.replace:
+        raise RuntimeError(f"a flushed pick chain was not refilled alone: {repair.plan.nft}")
+    in_sync("the pick chain's repair")
+
+    # failover: a health check takes the first uplink down, then back up; the
+    # pick chains that used it are refilled (what the daemon does on a verdict)
+    from markrouted.model import Health
+
+    down = {config.uplinks[0].name: Health(False, "benchmark")}
+    failover: list[float] = []
+    failover_cpu: list[float] = []
+    for _ in range(args.runs):
+        for health in (down, {}):
+            watch = Stopwatch()
+            result = reconcile(config, kernel, health, deriver=deriver)
+            wall, cpu_s = watch.stop()
+            if result.plan.nft.replace or not result.plan.nft.chains:
+                raise RuntimeError(f"a failover did not refill pick chains: {result.plan.nft}")
+            failover.append(wall)
+            failover_cpu.append(cpu_s)
+    report["failover_s"] = failover
+    report["failover_cpu"] = failover_cpu
+    in_sync("the failovers")
 
     with tempfile.TemporaryDirectory(prefix="markrouted-bench-") as tmp:
         script = os.path.join(tmp, "per-object.sh")
@@ -634,6 +668,9 @@ def render(report: dict[str, Any]) -> tuple[str, str]:
             "the part of a no-op that is not derivation"),
         ("drift repair (a rule added to the table by hand)", fmt_s(report["drift_s"]), "", "1 run",
          f"{report['drift_writes']} write; seen by the very next pass of the same process"),
+        ("drift repair (a pick chain flushed by hand)", fmt_s(report["drift_pick_s"]), "", "1 run",
+         f"{report['drift_pick_writes']} write; that chain refilled alone"),
+        row("failover or failback (health verdict)", "failover", "pick chains refilled"),
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     head = (f"markrouted apply benchmark: {UPLINKS} uplinks, {POLICIES} policies -> "

@@ -68,7 +68,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
         return EXIT_OK
     from .collisions import Finding, analyse
-    from .kernel.networkd import networkd_findings
+    from .kernel.networkd import networkd_warnings
 
     kernel = _kernel(args, need_nft=False)
     findings: list[Finding] = []
@@ -82,9 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             raise
         findings.append(Finding("error", str(exc)))
         ruleset = {"nftables": []}
-    foreign_tables = {r.table for r in kernel.netlink.routes(owned=False)}
-    findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), foreign_tables)
-    findings += networkd_findings()
+    findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), kernel.netlink.foreign_route_tables())
+    findings += [Finding("warning", text) for text in networkd_warnings()]
     for f in findings:
         print(str(f))
     errors = sum(1 for f in findings if f.severity == "error")
@@ -172,7 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     import ipaddress
 
-    from .derive import derive
+    from .derive import derive, needs
     from .explain import Packet, classify, proto_number
 
     config = _load(args)
@@ -191,7 +190,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise Fatal(str(exc)) from None
     kernel = _kernel(args, need_nft=False)
-    observed = kernel.observe(config)
+    observed = kernel.observe(needs(config))
     desired = derive(config, observed, _live_health())
     where = f"forwarded, in on {pkt.iif}" if pkt.iif else "generated on this host"
     desc = f"{args.proto or 'ip'} to {pkt.daddr}" + (f" port {pkt.dport}" if pkt.dport else "")

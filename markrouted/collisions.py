@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .model import NFT_FAMILY, NFT_TABLE, family_name
+from .model import NFT_FAMILY, NFT_TABLE, family_name, priority_range
 
 FULL = 0xFFFFFFFF
 
@@ -110,6 +110,12 @@ def analyse(
     foreign_rules: Iterable[tuple[int, int, int, int, int]],
     foreign_route_tables: Iterable[int],
 ) -> list[Finding]:
+    """Collisions with markrouted's marks, priority range and tables.
+
+    ``foreign_rules``: (family, priority, table, fwmark, fwmask) of every rule
+    without markrouted's tag; ``foreign_route_tables``: the tables holding
+    routes of someone else (both as ``kernel.netlink`` reads them).
+    """
     s = config.settings
     mask = s.mark_mask
     out: list[Finding] = []
@@ -117,7 +123,7 @@ def analyse(
         if bits & mask:
             severity = "error" if what.startswith("sets") else "warning"
             out.append(Finding(severity, f"{where} {what} bits {bits:#010x}, overlapping mark_mask {mask:#010x}"))
-    lo, hi = s.rule_priority, s.rule_priority + 999
+    lo, hi = priority_range(s.rule_priority)
     tables = {u.table: u.name for u in config.uplinks}
     seen_tables: set[tuple[int, int]] = set()
     for family, prio, table, fwmark, fwmask in foreign_rules:

@@ -29,6 +29,8 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
+from .model import IP_PROTOCOLS, PORT_PROTOCOLS, PRIORITY_SPAN, RESERVED_TABLES
+
 __all__ = [
     "DEFAULT_PATH",
     "Check",
@@ -301,27 +303,15 @@ _TCP_METHOD_RE: Final = re.compile(r"tcp:([0-9]+)")
 
 _IFNAMSIZ: Final = 16
 _U32_MAX: Final = 0xFFFFFFFF
-_RULE_SPAN: Final = 1000
+_RULE_SPAN: Final = PRIORITY_SPAN
 _KERNEL_RULES: Final = (32766, 32767)  # main and default
-_RESERVED_TABLES: Final = MappingProxyType({0: "unspec", 253: "default", 254: "main", 255: "local"})
+_RESERVED_TABLES: Final = RESERVED_TABLES
 _ID_MAX: Final = 0xFFFFFFFE  # (uid_t)-1 means "no id"
 _WEIGHT_MAX: Final = 1000
 
-_PROTOCOLS: Final = MappingProxyType(
-    {
-        "tcp": 6,
-        "udp": 17,
-        "icmp": 1,
-        "icmpv6": 58,
-        "sctp": 132,
-        "udplite": 136,
-        "gre": 47,
-        "esp": 50,
-        "ah": 51,
-    }
-)
+_PROTOCOLS: Final = IP_PROTOCOLS
 _PROTOCOL_NAMES: Final = MappingProxyType({number: name for name, number in _PROTOCOLS.items()})
-_PORT_PROTOCOLS: Final = frozenset({6, 17, 132, 136})
+_PORT_PROTOCOLS: Final = frozenset(PORT_PROTOCOLS)
 _PROTOCOL_FAMILY: Final = MappingProxyType({1: 4, 58: 6})  # icmp, icmpv6
 
 _SETTINGS_DEFAULTS: Final = Settings()

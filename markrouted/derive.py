@@ -44,11 +44,17 @@ from .model import (
     AF_INET6,
     FAMILIES,
     MAIN_TABLE,
+    NFT_PROTOCOL_NAMES,
+    PORT_PROTOCOLS,
+    RANGE_CHAIN,
+    RT_SCOPE_LINK,
+    RTN_UNREACHABLE,
     Address,
     BaseHook,
     DesiredState,
     Health,
     Link,
+    Needs,
     NftChain,
     NftRule,
     NftTable,
@@ -61,23 +67,16 @@ from .model import (
     family_name,
 )
 
-RT_SCOPE_LINK = 253
 #: The metric of the safety-net ``unreachable default`` in every uplink table.
 UNREACHABLE_METRIC = 0xFFFFFFFF - 1
 V6_DEFAULT_METRIC = 1024
-
-#: An empty chain named after the rule_priority in force records, in the
-#: kernel, which priority range markrouted's rules occupy: after the setting
-#: changes, the rules of the old range are still recognised as markrouted's
-#: (tag AND recorded range) and removed, by ``apply`` as by the daemon.
-RANGE_CHAIN = "rule_priority_"
 
 PRIO_SUPPRESS = 0
 PRIO_FWMARK = 100
 PRIO_SOURCE = 200
 
-L4_WITH_PORTS = (6, 17, 132, 136)  # tcp udp sctp udplite
-PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"}
+L4_WITH_PORTS = PORT_PROTOCOLS
+PROTO_NAMES = NFT_PROTOCOL_NAMES
 
 
 @dataclass(frozen=True)
@@ -189,7 +188,7 @@ def derive_routes(views: Sequence[UplinkView]) -> frozenset[Route]:
         for family in FAMILIES:
             any_dst = "0.0.0.0/0" if family == AF_INET else "::/0"
             # the safety net: see the module docstring
-            routes.add(Route(family, u.table, any_dst, UNREACHABLE_METRIC, 0, type=7))
+            routes.add(Route(family, u.table, any_dst, UNREACHABLE_METRIC, 0, type=RTN_UNREACHABLE))
         link = view.link
         if link is None or not link.up:
             continue  # the kernel refuses routes over a down link; re-added on link up
@@ -220,6 +219,25 @@ def derive_routes(views: Sequence[UplinkView]) -> frozenset[Route]:
     return frozenset(routes)
 
 
+SRC_VALID_MARK = "net/ipv4/conf/all/src_valid_mark"
+ALL_RP_FILTER = "net/ipv4/conf/all/rp_filter"
+
+
+def rp_filter(interface: str) -> str:
+    return f"net/ipv4/conf/{interface}/rp_filter"
+
+
+def needs(config: Config) -> Needs:
+    """What ``observe`` must read for this config, beyond links, addresses and defaults.
+
+    The sysctls ``derive_sysctls`` looks at (an uplink's own rp_filter is read
+    only while its interface exists) and the cgroups the policies match on.
+    """
+    sysctls = [SRC_VALID_MARK, ALL_RP_FILTER] + [rp_filter(u.interface) for u in config.uplinks]
+    cgroups = [p.cgroup.strip("/") for p in config.policies if p.cgroup]
+    return Needs(tuple(dict.fromkeys(sysctls)), tuple(dict.fromkeys(cgroups)))
+
+
 def derive_sysctls(config: Config, views: Sequence[UplinkView], observed: Observed) -> tuple[Sysctl, ...]:
     """The sysctls policy routing needs (rp_filter, src_valid_mark; see docs/design.md).
 
@@ -229,14 +247,13 @@ def derive_sysctls(config: Config, views: Sequence[UplinkView], observed: Observ
     if not config.uplinks:
         return ()
     out = []
-    svm = "net/ipv4/conf/all/src_valid_mark"
-    if observed.sysctls.get(svm, "0") != "1":
-        out.append(Sysctl(svm, "1", "the rp_filter check must honour the fwmark"))
-    all_rp = int(observed.sysctls.get("net/ipv4/conf/all/rp_filter", "0") or 0)
+    if observed.sysctls.get(SRC_VALID_MARK, "0") != "1":
+        out.append(Sysctl(SRC_VALID_MARK, "1", "the rp_filter check must honour the fwmark"))
+    all_rp = int(observed.sysctls.get(ALL_RP_FILTER, "0") or 0)
     for view in views:
         if view.link is None:
             continue
-        path = f"net/ipv4/conf/{view.link.name}/rp_filter"
+        path = rp_filter(view.link.name)
         if path not in observed.sysctls:
             continue
         own = int(observed.sysctls[path] or 0)
@@ -253,7 +270,8 @@ def _rule(label: str, parts: Sequence[nx.X], salt: object = None) -> NftRule:
     expr_json = json.dumps(expr, sort_keys=True, separators=(",", ":"))
     text = " ".join(p.text for p in parts)
     digest = hashlib.sha256(f"{expr_json}|{salt}".encode()).hexdigest()[:10]
-    return NftRule(expr_json, text, f"{label[:80]} #{digest}")
+    comment = f"{label[:80]} #{digest}"
+    return NftRule(expr_json, text, comment, nx.string(comment).text)
 
 
 def _ports(ranges: Sequence[tuple[int, int]]) -> nx.X:

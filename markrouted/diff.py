@@ -21,8 +21,12 @@ def diff_nft(desired: NftTable | None, actual: NftTable | None) -> NftUpdate:
     have = {c.name: c for c in actual.chains}
     if set(want) != set(have) or any(want[n].base != have[n].base for n in want):
         return NftUpdate(replace=True)
-    changed = tuple(c.name for c in desired.chains if c.fingerprint != have[c.name].fingerprint)
-    return NftUpdate(chains=changed)
+    changed = [c for c in desired.chains if c.fingerprint != have[c.name].fingerprint]
+    if not all(c.raw_refillable for c in changed):
+        # a refill is one raw nf_tables batch, for the small pick_N vocabulary
+        # only; any other changed chain is written by replacing the table
+        return NftUpdate(replace=True)
+    return NftUpdate(chains=tuple(c.name for c in changed))
 
 
 def diff_routes(

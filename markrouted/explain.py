@@ -11,10 +11,10 @@ import socket
 from dataclasses import dataclass
 
 from .config import Config, Policy
+from .model import IP_PROTOCOLS, PORT_PROTOCOLS
 
-PROTOS = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "ipv6-icmp": 58, "sctp": 132,
-          "udplite": 136, "gre": 47, "esp": 50, "ah": 51}
-WITH_PORTS = (6, 17, 132, 136)
+PROTOS = {**IP_PROTOCOLS, "ipv6-icmp": 58}  # and the name nft prints for icmpv6
+WITH_PORTS = PORT_PROTOCOLS
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,9 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .config import Check
+from .model import TargetResult as TargetResult  # defined with the other value types
 
 HISTORY = 20  # rounds kept for the loss figure
-
-
-@dataclass(frozen=True)
-class TargetResult:
-    target: str
-    ok: bool
-    rtt: float | None = None  # seconds
-    error: str | None = None
 
 
 @dataclass

@@ -15,12 +15,17 @@ import functools
 import json
 import socket
 from collections.abc import Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal, TypeAlias
 
 AF_INET = socket.AF_INET
 AF_INET6 = socket.AF_INET6
 FAMILIES: tuple[int, ...] = (AF_INET, AF_INET6)
+
+# The domain's constants, defined here once; the kernel package keeps only the
+# netlink wire numbers (message types, attribute types, groups).
 
 #: The routing protocol number markrouted tags its rules and routes with.
 #: 109 is unassigned in the kernel's rtnetlink.h and in iproute2's rt_protos
@@ -31,10 +36,56 @@ RTPROT_MARKROUTED = 109
 #: Suppress-prefixlength value the kernel reports for "not set".
 SUPPRESS_UNSET = 0xFFFFFFFF
 
+#: Routing tables nobody may claim for an uplink, and which never hold markrouted's
+#: routes: unspec, default, main, local.
 MAIN_TABLE = 254
+RESERVED_TABLES: Mapping[int, str] = MappingProxyType({0: "unspec", 253: "default", 254: "main", 255: "local"})
+
+#: Route types and scopes markrouted writes (rtnetlink's RTN_* and RT_SCOPE_*).
+RTN_UNICAST = 1
+RTN_UNREACHABLE = 7
+RT_SCOPE_UNIVERSE = 0
+RT_SCOPE_LINK = 253
+
+#: IP protocol numbers by the names the config accepts; those that have ports;
+#: and the names nft prints in ``meta l4proto`` sets (icmpv6 is "ipv6-icmp").
+IP_PROTOCOLS: Mapping[str, int] = MappingProxyType(
+    {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "udplite": 136, "gre": 47, "esp": 50, "ah": 51})
+PORT_PROTOCOLS: tuple[int, ...] = (6, 17, 132, 136)  # tcp udp sctp udplite
+NFT_PROTOCOL_NAMES: Mapping[int, str] = MappingProxyType(
+    {1: "icmp", 6: "tcp", 17: "udp", 58: "ipv6-icmp", 132: "sctp", 136: "udplite"})
+
+#: markrouted's ip rules live in [P, P + PRIORITY_SPAN - 1] of ``settings.rule_priority`` P.
+PRIORITY_SPAN = 1000
 
 NFT_TABLE = "markrouted"
 NFT_FAMILY = "inet"
+
+#: An empty chain named after the rule_priority in force records, in the
+#: kernel, which priority range markrouted's rules occupy: after the setting
+#: changes, the rules of the old range are still recognised as markrouted's
+#: (tag AND recorded range) and removed, by ``apply`` as by the daemon.
+RANGE_CHAIN = "rule_priority_"
+
+
+def priority_range(start: int) -> tuple[int, int]:
+    """The rule priorities [lo, hi] markrouted owns for ``rule_priority = start``."""
+    return start, start + PRIORITY_SPAN - 1
+
+
+def in_ranges(priority: int, starts: Iterable[int]) -> bool:
+    """Whether a rule priority lies in the range of any of those rule_priority values."""
+    return any(lo <= priority <= lo + PRIORITY_SPAN - 1 for lo in starts)
+
+
+def recorded_ranges(table: NftTable | None) -> set[int]:
+    """The rule_priority values an installed nft table records (see ``RANGE_CHAIN``)."""
+    out = set()
+    for chain in table.chains if table else ():
+        rest = chain.name[len(RANGE_CHAIN):]
+        if chain.name.startswith(RANGE_CHAIN) and rest.isdigit():
+            out.add(int(rest))
+    return out
 
 
 def family_name(family: int) -> str:
@@ -46,6 +97,20 @@ def ip_cmd(family: int) -> str:
 
 
 # --------------------------------------------------------------------- observed
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What of the kernel's state derivation depends on, beyond links, addresses and defaults.
+
+    Computed from the config by the pure core (``derive.needs``) and handed to
+    ``KernelAPI.observe``, so the adapter only reads what it is told to.
+    """
+
+    #: /proc/sys relative paths; one that does not exist is simply not reported
+    sysctls: tuple[str, ...] = ()
+    #: cgroup v2 paths (as written in the config) whose ids nft matches on
+    cgroups: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +173,16 @@ class Observed:
 
 
 @dataclass(frozen=True)
+class TargetResult:
+    """One probe of one health-check target."""
+
+    target: str
+    ok: bool
+    rtt: float | None = None  # seconds
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class Health:
     """A health checker's verdict on one uplink (absent: no check configured or not run)."""
 
@@ -120,7 +195,11 @@ class Health:
 
 @dataclass(frozen=True, order=True)
 class Rule:
-    """An ip rule owned by markrouted (proto RTPROT_MARKROUTED is implied)."""
+    """An ip rule owned by markrouted (proto RTPROT_MARKROUTED is implied).
+
+    Its wire form, its ownership filter and the events that concern it live in
+    ``kernel/rules.py``, whose docstring lists every place a rule is handled.
+    """
 
     family: int
     priority: int
@@ -150,6 +229,7 @@ class Route:
 
     ``key`` is what the kernel considers the route's slot (a replace with the
     same key changes it in place, without a gap); the rest are its attributes.
+    Its wire form and ownership filter live in ``kernel/routes.py``.
     """
 
     family: int
@@ -159,9 +239,9 @@ class Route:
     oif: int
     gateway: str | None = None
     prefsrc: str | None = None
-    scope: int = 0  # RT_SCOPE_UNIVERSE; 253 = link
+    scope: int = RT_SCOPE_UNIVERSE  # or RT_SCOPE_LINK
     onlink: bool = False
-    type: int = 1  # RTN_UNICAST; 7 = RTN_UNREACHABLE
+    type: int = RTN_UNICAST  # or RTN_UNREACHABLE
     ifname: str = field(default="", compare=False)
 
     @property
@@ -170,14 +250,14 @@ class Route:
 
     def __str__(self) -> str:
         dst = "default" if self.dst.endswith("/0") else self.dst
-        if self.type == 7:
+        if self.type == RTN_UNREACHABLE:
             return (f"{ip_cmd(self.family)} route unreachable {dst} table {self.table}"
                     f" proto markrouted metric {self.metric}")
         text = f"{ip_cmd(self.family)} route {dst}"
         if self.gateway:
             text += f" via {self.gateway}"
         text += f" dev {self.ifname or self.oif} table {self.table} proto markrouted"
-        if self.scope == 253:
+        if self.scope == RT_SCOPE_LINK:
             text += " scope link"
         if self.prefsrc:
             text += f" src {self.prefsrc}"
@@ -213,11 +293,67 @@ class NftRule:
     expr_json: str
     text: str
     comment: str
+    #: the comment as an nft string literal, quoted by ``nftexpr.string`` when
+    #: derived (empty: a rule read back or built by hand, quoted plainly)
+    comment_text: str = field(default="", compare=False)
 
     @property
     def expr(self) -> list[Any]:
         result: list[Any] = json.loads(self.expr_json)
         return result
+
+    @functools.cached_property
+    def raw(self) -> tuple[RawStatement, ...] | None:
+        """The rule in the raw refill's vocabulary (``kernel/nftraw``), or None if outside it."""
+        return raw_statements(self.expr_json)
+
+
+@dataclass(frozen=True)
+class RawStatement:
+    """One statement of the small vocabulary the ``pick_N`` chains use.
+
+    The kernel adapter encodes these into nf_tables messages itself, without
+    libnftables: ``goto`` (``name``: the chain), ``verdict`` (``name``: drop,
+    accept or return), ``nfproto`` (``name``: ipv4 or ipv6) and ``numgen_lt``
+    (``numgen random mod <mod> < <bound>``).
+    """
+
+    kind: str
+    name: str = ""
+    mod: int = 0
+    bound: int = 0
+
+
+def raw_statements(expr_json: str) -> tuple[RawStatement, ...] | None:
+    """The statements of a rule's expression JSON, or None if any is outside the vocabulary."""
+    try:
+        expr = json.loads(expr_json)
+    except ValueError:
+        return None
+    out: list[RawStatement] = []
+    for item in expr if isinstance(expr, list) else [None]:
+        if not isinstance(item, dict) or len(item) != 1:
+            return None
+        (key, value), = item.items()
+        if key == "goto" and isinstance(value, dict) and isinstance(value.get("target"), str):
+            out.append(RawStatement("goto", value["target"]))
+            continue
+        if key in ("drop", "accept", "return") and value is None:
+            out.append(RawStatement("verdict", key))
+            continue
+        if key != "match" or not isinstance(value, dict):
+            return None
+        left, right, op = value.get("left"), value.get("right"), value.get("op")
+        if left == {"meta": {"key": "nfproto"}} and op == "==" and right in ("ipv4", "ipv6"):
+            out.append(RawStatement("nfproto", right))
+            continue
+        ng = left.get("numgen") if isinstance(left, dict) else None
+        if (isinstance(ng, dict) and ng.get("mode") == "random" and not ng.get("offset")
+                and isinstance(ng.get("mod"), int) and op == "<" and isinstance(right, int)):
+            out.append(RawStatement("numgen_lt", mod=ng["mod"], bound=right))
+            continue
+        return None
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -233,6 +369,11 @@ class NftChain:
     name: str
     base: BaseHook | None
     rules: tuple[NftRule, ...] = ()
+
+    @property
+    def raw_refillable(self) -> bool:
+        """Every rule is in the raw refill's vocabulary (see ``NftRule.raw``)."""
+        return all(rule.raw is not None for rule in self.rules)
 
     @functools.cached_property
     def fingerprint(self) -> tuple[BaseHook | None, tuple[str, ...]]:
@@ -261,7 +402,8 @@ class NftTable:
                     f"\t\ttype {b.type} hook {b.hook} priority {b.prio}; policy {b.policy};"
                 )
             for rule in chain.rules:
-                lines.append(f'\t\t{rule.text} comment "{rule.comment}"')
+                quoted = rule.comment_text or f'"{rule.comment}"'
+                lines.append(f"\t\t{rule.text} comment {quoted}")
             lines.append("\t}")
         lines.append("}")
         return "\n".join(lines)
@@ -325,9 +467,11 @@ class Actual:
 class NftUpdate:
     """How to bring the nft table to the desired one.
 
-    ``replace``: rebuild the whole table in one transaction (structure changed
-    or table missing). Otherwise ``chains`` names the chains whose rules are
-    flushed and refilled in one transaction. ``remove``: delete the table.
+    ``replace``: rebuild the whole table in one transaction (table missing,
+    structure changed, or a changed chain outside the raw refill's vocabulary).
+    Otherwise ``chains`` names the chains, all ``raw_refillable``, whose rules
+    are flushed and refilled in one transaction. ``remove``: delete the table.
+    The kernel adapter has one write path for each (``kernel/nft.py``).
     """
 
     replace: bool = False

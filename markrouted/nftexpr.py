@@ -1,7 +1,8 @@
 """A tiny builder for nftables expressions that yields both forms at once.
 
-Each builder returns an ``X``: the libnftables JSON object that is sent to the
-kernel and the nft text a human reads in ``markrouted plan``. Keeping them side
+Each builder returns an ``X``: the libnftables JSON object (the canonical form a
+rule's digest and the raw refill are computed from) and the nft text that is
+sent to the kernel and a human reads in ``markrouted plan``. Keeping them side
 by side is what keeps the two from drifting apart.
 """
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import Config
-from .derive import Deriver, derive
+from .derive import Deriver, derive, needs
 from .diff import diff
 from .kernel import KernelAPI
 from .kernel.errors import KernelError, PermissionDenied, Unsupported
@@ -49,10 +49,14 @@ def compute(
     extra_ranges: Iterable[int] = (),
     deriver: Deriver | None = None,
 ) -> Result:
-    """Everything up to the plan; writes nothing."""
-    observed = kernel.observe(config)
+    """Everything up to the plan; writes nothing.
+
+    ``extra_ranges``: earlier rule_priority values whose rules are still
+    markrouted's (the nft table's own record of them is added by the kernel).
+    """
+    observed = kernel.observe(needs(config))
     desired = derive(config, observed, health, deriver)
-    actual = kernel.actual(config, extra_ranges)
+    actual = kernel.actual({config.settings.rule_priority, *extra_ranges})
     return Result(observed, desired, actual, diff(desired, actual))
 
 
@@ -134,4 +138,4 @@ def flush_plan(actual: Actual) -> Plan:
 
 
 def flush(config: Config, kernel: KernelAPI, log: Any = None) -> int:
-    return apply_plan(flush_plan(kernel.actual(config)), kernel, log or NullLog())
+    return apply_plan(flush_plan(kernel.actual({config.settings.rule_priority})), kernel, log or NullLog())

@@ -6,20 +6,28 @@ makes, in which order, and that a second pass in a converged state makes none.
 
 Semantics copied from the kernel (and from ``netlink``/``nft`` on top of it):
 
-* rules: adding an identical rule is EEXIST, reported as ``False``; deleting a
-  missing one is ENOENT, also ``False``. Only rules inside the configured
-  priority range (and the ``extra_ranges`` asked for) are markrouted's
-  (``actual``); foreign rules live apart and are never returned or touched.
+* rules: ``rules`` holds the rules carrying markrouted's proto tag,
+  ``foreign_rules`` everyone else's (the kernel keeps an untagged twin of a
+  tagged rule apart, and a tagged delete never removes it). Adding a tagged
+  rule that is there is EEXIST, reported as ``False``; deleting a missing one
+  is ENOENT, also ``False``. ``actual`` returns the tagged rules inside the
+  ranges of the rule_priority values asked for AND of those the nft table
+  records (its ``RANGE_CHAIN`` chains), exactly like the real adapter.
 * routes: ``set_route`` is ``ip route replace``, one route per ``Route.key``;
   a route over a link that is missing or administratively down is refused
-  (ENODEV / ENETDOWN), as the kernel does.
+  (ENODEV; ENETUNREACH for a gateway that is not onlink, else ENETDOWN), as
+  the kernel does. ``actual`` returns the tagged
+  routes outside the reserved tables; ``foreign_routes`` are never touched.
 * nftables: the table is stored as the ``NftTable`` it was last made; a
   replace installs the desired table whole, a refill swaps the rules of the
-  named chains (which must exist, as ``flush chain`` requires), a remove
-  deletes it whether or not it exists (the real adapter does add+delete).
-* sysctls: written values are what the next ``observe`` reports.
+  named chains (which must exist, and must be raw-refillable, as the raw
+  batch requires), a remove deletes it whether or not it exists.
+* sysctls and cgroups: ``observe`` reports only those ``Needs`` names, as
+  the real adapter reads only those; written sysctls are read back.
 
-It deliberately imports neither pyroute2 nor nftables. It lives with the tests:
+The scenarios of ``tests/conformance.py`` run against this fake and against
+the real ``Kernel`` in a network namespace, so the two answer alike. It
+deliberately imports neither pyroute2 nor nftables. It lives with the tests:
 it is a test double, not part of the installed package.
 """
 
@@ -30,21 +38,23 @@ import errno
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from markrouted.config import Config
+from markrouted.kernel import KernelAPI
+from markrouted.kernel.errors import KernelError
 from markrouted.model import (
+    RESERVED_TABLES,
+    RTN_UNICAST,
     Actual,
     Link,
+    Needs,
     NftChain,
     NftTable,
     NftUpdate,
     Observed,
     Route,
     Rule,
+    in_ranges,
+    recorded_ranges,
 )
-from markrouted.kernel.errors import KernelError
-
-#: Tables the real adapter never reports as markrouted's (unspec, default, main, local).
-RESERVED_TABLES = frozenset({0, 253, 254, 255})
 
 #: One write as the log records it: (operation, the object written).
 Write = tuple[str, object]
@@ -134,13 +144,17 @@ class FakeKernel:
 
     # ------------------------------------------------------------ KernelAPI
 
-    def observe(self, config: Config) -> Observed:
-        return dataclasses.replace(self.observed, sysctls=dict(self.sysctls))
+    def observe(self, needs: Needs) -> Observed:
+        return dataclasses.replace(
+            self.observed,
+            sysctls={p: self.sysctls[p] for p in needs.sysctls if p in self.sysctls},
+            cgroup_ids={p: i for p, i in self.observed.cgroup_ids.items() if p in needs.cgroups},
+        )
 
-    def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual:
-        starts = {config.settings.rule_priority, *extra_ranges}
+    def actual(self, rule_priorities: Iterable[int]) -> Actual:
+        starts = {*rule_priorities, *recorded_ranges(self.nft)}
         return Actual(
-            rules=frozenset(r for r in self.rules if any(lo <= r.priority <= lo + 999 for lo in starts)),
+            rules=frozenset(r for r in self.rules if in_ranges(r.priority, starts)),
             routes=frozenset(r for r in self.routes.values() if r.table not in RESERVED_TABLES),
             nft=self.nft,
         )
@@ -153,10 +167,13 @@ class FakeKernel:
 
     def set_route(self, route: Route) -> None:
         self._write("set_route", route)
-        if route.type == 1 and route.oif:
+        if route.type == RTN_UNICAST and route.oif:
             link = next((ln for ln in self.observed.links if ln.index == route.oif), None)
             if link is None:
                 raise KernelError(f"{route}: No such device", errno.ENODEV)
+            if not link.up and route.gateway and not route.onlink:
+                # the gateway is looked up over the link's connected route, flushed at admin down
+                raise KernelError(f"{route}: Network is unreachable", errno.ENETUNREACH)
             if not link.up:
                 raise KernelError(f"{route}: Network is down", errno.ENETDOWN)
         self.routes[route.key] = route
@@ -196,8 +213,11 @@ class FakeKernel:
             raise KernelError("refill chains: No such file or directory (no table)", errno.ENOENT)
         have = {c.name: c for c in self.nft.chains}
         for name in update.chains:
+            want = desired.chain(name)
+            if want is not None and not want.raw_refillable:
+                raise ValueError(f"chain {name}: a rule outside the raw vocabulary")
             if name not in have:
-                raise KernelError(f"flush chain {name}: No such file or directory", errno.ENOENT)
+                raise KernelError(f"refill chains {name}: No such file or directory", errno.ENOENT)
         chains: list[NftChain] = []
         for chain in self.nft.chains:
             want = desired.chain(chain.name) if chain.name in update.chains else None
@@ -220,3 +240,7 @@ class FakeKernel:
             if fault.op == op and fault.times > 0 and (fault.when is None or fault.when(obj)):
                 fault.times -= 1
                 raise fault.error
+
+
+#: mypy checks that the fake implements every method of ``KernelAPI``.
+_: KernelAPI = FakeKernel()

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..config import Config
 from ..kernel import events
-from ..model import Health
+from ..model import Health, priority_range
 from .clock import Clock, Timer
 from .inotify import ConfigWatch
 
@@ -113,8 +113,7 @@ class Netlink(Source):
     def follow(self, config: Config) -> None:
         s = config.settings
         self.interest.tables = frozenset(u.table for u in config.uplinks)
-        self.interest.prio_lo = s.rule_priority
-        self.interest.prio_hi = s.rule_priority + 999
+        self.interest.prio_lo, self.interest.prio_hi = priority_range(s.rule_priority)
 
     def close(self) -> None:
         for name in list(self.sockets):

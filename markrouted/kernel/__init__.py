@@ -1,9 +1,25 @@
 """The only code that talks to the kernel.
 
-``Kernel`` gathers the adapters (rtnetlink, nftables, sysctls, cgroups) behind
-the few operations reconcile needs: observe the facts derivation depends on,
-read what markrouted owns, and write single objects. The test suite's
-``FakeKernel`` (``tests/fakekernel.py``) implements the same surface in memory.
+``Kernel`` gathers the adapters behind the few operations reconcile needs:
+observe the facts derivation depends on (what to read is decided by the pure
+core: ``model.Needs``), read what markrouted owns, and write single objects.
+This package imports nothing of markrouted but ``model`` and its own modules.
+
+Who does what:
+
+* ``rules``, ``routes``: an ip rule's and a route's wire form (decoding,
+  pyroute2 arguments, whose it is, which events concern it);
+* ``netlink``: their I/O, plus links, addresses and route lookups: reads are
+  struct-decoded dumps (``rtdump``), writes go through pyroute2;
+* ``nft``: the nft table: replaced and removed through libnftables (nft's
+  text syntax), pick chains refilled with a raw nf_tables batch (``nftraw``),
+  read back over nfnetlink (``nftdump``), and the one cache of it;
+* ``events``: the rtnetlink and nf_tables notifications the daemon listens to;
+* ``sysctl``, ``conntrack``, ``probe``, ``networkd``: the rest of the host.
+
+The test suite's ``FakeKernel`` (``tests/fakekernel.py``) implements
+``KernelAPI`` in memory; the scenarios of ``tests/conformance.py`` run against
+both, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,36 +29,52 @@ import os
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from ..config import Config
-from ..derive import RANGE_CHAIN
-from ..model import Actual, NftTable, NftUpdate, Observed, Route, Rule
+from ..model import Actual, Needs, NftTable, NftUpdate, Observed, Route, Rule, recorded_ranges
 from .errors import KernelError, PermissionDenied, Unsupported
 
-__all__ = ["Kernel", "KernelAPI", "KernelError", "PermissionDenied", "Unsupported", "cgroup_layout"]
+__all__ = ["CGROUP_ROOT", "Kernel", "KernelAPI", "KernelError", "PermissionDenied", "Unsupported",
+           "cgroup_layout"]
 
 CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 class KernelAPI(Protocol):
-    def observe(self, config: Config) -> Observed: ...
-    def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual: ...
+    """What reconcile, flush and the daemon need of a kernel."""
+
+    def observe(self, needs: Needs) -> Observed:
+        """Links, addresses, main-table defaults, and the sysctls and cgroups ``needs`` names."""
+        ...
+
+    def actual(self, rule_priorities: Iterable[int]) -> Actual:
+        """What markrouted owns: rules tagged as its own in the ranges of ``rule_priorities``
+        or of those the nft table records, tagged routes outside the reserved tables, the table."""
+        ...
+
     def write_sysctl(self, path: str, value: str) -> None: ...
-    def set_route(self, route: Route) -> None: ...
-    def del_route(self, route: Route) -> bool: ...
-    def add_rule(self, rule: Rule) -> bool: ...
-    def del_rule(self, rule: Rule) -> bool: ...
-    def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None: ...
+
+    def set_route(self, route: Route) -> None:
+        """``ip route replace``: the route takes its slot (``Route.key``) in place."""
+        ...
+
+    def del_route(self, route: Route) -> bool:
+        """False when there was no such route."""
+        ...
+
+    def add_rule(self, rule: Rule) -> bool:
+        """False when the rule was there already."""
+        ...
+
+    def del_rule(self, rule: Rule) -> bool:
+        """False when there was no such rule."""
+        ...
+
+    def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None:
+        """One transaction: replace the table, refill raw-refillable chains, or remove it."""
+        ...
+
     def clear_conntrack(self, mark: int, mask: int) -> None: ...
+
     def close(self) -> None: ...
-
-
-def recorded_ranges(table: NftTable | None) -> set[int]:
-    """The rule_priority values the installed nft table records (see derive.RANGE_CHAIN)."""
-    out = set()
-    for chain in table.chains if table else ():
-        if chain.name.startswith(RANGE_CHAIN) and chain.name[len(RANGE_CHAIN):].isdigit():
-            out.add(int(chain.name[len(RANGE_CHAIN):]))
-    return out
 
 
 def cgroup_layout(root: str = CGROUP_ROOT) -> str | None:
@@ -54,13 +86,18 @@ def cgroup_layout(root: str = CGROUP_ROOT) -> str | None:
     return None
 
 
-def _sysctl_paths(config: Config, names: Iterable[str]) -> list[str]:
-    paths = ["net/ipv4/conf/all/src_valid_mark", "net/ipv4/conf/all/rp_filter"]
-    present = set(names)
-    for u in config.uplinks:
-        if u.interface in present:
-            paths.append(f"net/ipv4/conf/{u.interface}/rp_filter")
-    return paths
+def cgroup_ids(paths: Iterable[str], root: str = CGROUP_ROOT) -> tuple[str, dict[str, int]]:
+    """(the cgroup v2 tree's prefix, the id of each of ``paths`` that exists)."""
+    prefix = cgroup_layout(root)
+    ids: dict[str, int] = {}
+    if prefix is not None:
+        base = os.path.join(root, prefix) if prefix else root
+        for path in paths:
+            try:
+                ids[path] = os.stat(os.path.join(base, path)).st_ino
+            except OSError:
+                pass
+    return prefix or "", ids
 
 
 class Kernel:
@@ -75,14 +112,7 @@ class Kernel:
         self._nft: Any = None
         if need_nft:
             self._nft = self.nft
-        # The table as last written by us. The daemon trusts it until nf_tables
-        # reports a transaction on the table by someone else (or a resync), so a
-        # failover does not re-read a thousand-rule table; one-shot commands
-        # never set it and always read.
-        self.nft_cached = False
-        self._nft_cache: NftTable | None = None
         self._names: dict[int, str] | None = None
-        self.cache_nft = False
 
     @property
     def nft(self) -> Any:
@@ -97,53 +127,29 @@ class Kernel:
         if self._nft is not None:
             self._nft.close()
 
-    def observe(self, config: Config) -> Observed:
+    def observe(self, needs: Needs) -> Observed:
         links = self.netlink.links()
         # actual() names the routes' interfaces from this reading: a pass reads links once
         self._names = {link.index: link.name for link in links}
-        prefix = cgroup_layout()
-        ids: dict[str, int] = {}
-        if prefix is not None:
-            base = os.path.join(CGROUP_ROOT, prefix) if prefix else CGROUP_ROOT
-            for p in config.policies:
-                if p.cgroup:
-                    path = p.cgroup.strip("/")
-                    try:
-                        ids[path] = os.stat(os.path.join(base, path)).st_ino
-                    except OSError:
-                        pass
+        prefix, ids = cgroup_ids(needs.cgroups)
         return Observed(
             links=tuple(links),
             addresses=tuple(self.netlink.addresses()),
             defaults=tuple(self.netlink.main_defaults()),
-            sysctls=self.sysctls.read(_sysctl_paths(config, (link.name for link in links))),
-            cgroup_prefix=prefix or "",
+            sysctls=self.sysctls.read(needs.sysctls),
+            cgroup_prefix=prefix,
             cgroup_ids=ids,
         )
 
-    def actual(self, config: Config, extra_ranges: Iterable[int] = ()) -> Actual:
-        """What markrouted owns; ``extra_ranges``: previous rule_priority values still owned."""
-        if self.nft_cached:
-            nft = self._nft_cache
-        else:
-            nft = self.nft.read()
-        rules: set[Rule] = set()
-        for lo in {config.settings.rule_priority, *extra_ranges, *recorded_ranges(nft)}:
-            rules.update(self.netlink.rules(lo, lo + 999))
+    def actual(self, rule_priorities: Iterable[int]) -> Actual:
+        nft: NftTable | None = self.nft.read()
+        rules = self.netlink.rules({*rule_priorities, *recorded_ranges(nft)})
         names = self._names if self._names is not None else {
             link.index: link.name for link in self.netlink.links()}
         routes = frozenset(
             dataclasses.replace(r, ifname=names.get(r.oif, "")) if r.oif else r for r in self.netlink.routes()
         )
         return Actual(rules=frozenset(rules), routes=routes, nft=nft)
-
-    def invalidate_nft(self) -> None:
-        self.nft_cached = False
-
-    def nft_generation(self) -> int | None:
-        """The namespace's nf_tables generation id (one round-trip); None if unreadable."""
-        gen: int | None = self.nft.generation()
-        return gen
 
     def write_sysctl(self, path: str, value: str) -> None:
         self.sysctls.write(path, value)
@@ -161,11 +167,7 @@ class Kernel:
         return self.netlink.del_rule(rule)
 
     def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None:
-        self.nft_cached = False
         self.nft.apply(update, desired)
-        if self.cache_nft:
-            self._nft_cache = None if update.remove else desired
-            self.nft_cached = True
 
     def clear_conntrack(self, mark: int, mask: int) -> None:
         """Delete the conntrack entries whose ct mark is ``mark`` under ``mask`` (all families)."""

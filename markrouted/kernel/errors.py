@@ -17,3 +17,12 @@ class PermissionDenied(KernelError):
 
 class Unsupported(KernelError):
     """The kernel or a library lacks something markrouted needs (nf_tables, the binding)."""
+
+
+#: What every refused netlink or nftables request says.
+NEEDS_NET_ADMIN = "permission denied (markrouted needs CAP_NET_ADMIN)"
+
+
+def denied(what: str) -> PermissionDenied:
+    """The error for a request the kernel refused for lack of CAP_NET_ADMIN."""
+    return PermissionDenied(f"{what}: {NEEDS_NET_ADMIN}")

@@ -6,7 +6,9 @@ the fixed headers needed to drop what cannot matter *early* — a router
 carrying a full BGP table must not wake markrouted for every route.
 
 Plain netlink sockets from the standard library are used for listening, the
-same on every pyroute2 version; pyroute2 stays the tool for requests. On
+same on every pyroute2 version. Which rule and route events concern
+markrouted is decided where rules and routes live (``rules.event``,
+``routes.event``); this module only routes messages to them. On
 ENOBUFS (the socket's queue overflowed, events were lost) the socket is
 closed and reopened and the caller resyncs everything.
 """
@@ -20,12 +22,14 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..model import MAIN_TABLE, NFT_TABLE, RTPROT_MARKROUTED
-from . import nl
+from ..model import NFT_TABLE
+from . import nl, routes, rules
+from .nft import concerns
+from .routes import RTM_DELROUTE, RTM_NEWROUTE
+from .rules import RTM_DELRULE, RTM_NEWRULE
+from .nl import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_GEN_ID, NFTA_GEN_PROC_PID, SOL_NETLINK
 
-SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_NETFILTER = 12
 SO_RCVBUFFORCE = 33
 RCVBUF = 8 * 1024 * 1024  # a 5,000-route burst overflowed 2 MiB
 
@@ -40,20 +44,18 @@ NFNLGRP_NFTABLES = 7
 
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWADDR, RTM_DELADDR = 20, 21
-RTM_NEWROUTE, RTM_DELROUTE = 24, 25
-RTM_NEWRULE, RTM_DELRULE = 32, 33
-NLMSG_ERROR, NLMSG_OVERRUN = 2, 4
-
-RTA_TABLE = 15
-FRA_PRIORITY = 6
-FRA_PROTOCOL = 21
-NFNL_SUBSYS_NFTABLES = 10
+NLMSG_OVERRUN = nl.NLMSG_OVERRUN
 NFT_MSG_NEWGEN = 15
-NFTA_GEN_ID = 1
-NFTA_GEN_PROC_PID = 2
-NFPROTO_INET = 1
+NFTA_TABLE_NAME = 1  # every nf_tables object message names its table in attribute 1
 
 _NLMSGHDR = nl.HDR
+
+__all__ = [
+    "NETLINK_NETFILTER", "NFNL_SUBSYS_NFTABLES", "NFPROTO_INET", "NFTA_GEN_ID", "NFTA_GEN_PROC_PID",
+    "NFT_MSG_NEWGEN", "NLMSG_OVERRUN", "RTM_DELADDR", "RTM_DELLINK", "RTM_DELROUTE", "RTM_DELRULE",
+    "RTM_NEWADDR", "RTM_NEWLINK", "RTM_NEWROUTE", "RTM_NEWRULE", "SOL_NETLINK",
+    "Event", "Interest", "NftWatch", "Overflow", "drain", "open_nft", "open_rtnl", "parse_rtnl",
+]
 
 
 class Overflow(Exception):
@@ -97,24 +99,10 @@ def parse_rtnl(data: bytes, interest: Interest) -> list[Event]:
         elif mtype in (RTM_NEWADDR, RTM_DELADDR):
             index = struct.unpack_from("=I", msg, body + 4)[0]
             out.append(Event("address", f"address {'added' if mtype == RTM_NEWADDR else 'removed'} on link {index}"))
-        elif mtype in (RTM_NEWROUTE, RTM_DELROUTE):
-            family, dst_len, _s, _t, table, proto = struct.unpack_from("=BBBBBB", msg, body)
-            for atype, value in _attrs(msg, body + 12, len(msg)):
-                if atype == RTA_TABLE and len(value) >= 4:
-                    table = struct.unpack("=I", value[:4])[0]
-            if proto == RTPROT_MARKROUTED or table in interest.tables or (table == MAIN_TABLE and dst_len == 0):
-                verb = "added" if mtype == RTM_NEWROUTE else "removed"
-                out.append(Event("route", f"route {verb} in table {table}"))
-        elif mtype in (RTM_NEWRULE, RTM_DELRULE):
-            prio, proto = 0, 0
-            for atype, value in _attrs(msg, body + 12, len(msg)):
-                if atype == FRA_PRIORITY and len(value) >= 4:
-                    prio = struct.unpack("=I", value[:4])[0]
-                elif atype == FRA_PROTOCOL and value:
-                    proto = value[0]
-            if proto == RTPROT_MARKROUTED or interest.prio_lo <= prio <= interest.prio_hi:
-                verb = "added" if mtype == RTM_NEWRULE else "removed"
-                out.append(Event("rule", f"rule {verb} at priority {prio}"))
+        elif (text := routes.event(mtype, msg, body, interest.tables)) is not None:
+            out.append(Event("route", text))
+        elif (text := rules.event(mtype, msg, body, interest.prio_lo, interest.prio_hi)) is not None:
+            out.append(Event("rule", text))
     return out
 
 
@@ -122,7 +110,8 @@ def parse_rtnl(data: bytes, interest: Interest) -> list[Event]:
 class NftWatch:
     """Follows nf_tables transactions; reports those that touched our table and were not ours.
 
-    Every object message names its table in attribute 1; a transaction ends
+    Every object message names its table in attribute 1 (whether that is ours
+    is decided with the table, ``nft.concerns``); a transaction ends
     with NEWGEN carrying the id of the task (thread) that made it. Our own
     writes are recognised by that id and ignored: the process's pid and the
     thread ids the daemon registers in ``also_own`` (its kernel worker).
@@ -147,15 +136,13 @@ class NftWatch:
             if kind == NFT_MSG_NEWGEN:
                 gen = attrs.get(NFTA_GEN_ID)
                 if gen and len(gen) >= 4:
-                    self.last_gen = struct.unpack(">I", gen[:4])[0]
-                raw = attrs.get(NFTA_GEN_PROC_PID)
-                pid = struct.unpack(">I", raw[:4])[0] if raw and len(raw) >= 4 else -1
+                    self.last_gen = nl.be32(gen)
+                pid = nl.be32(attrs.get(NFTA_GEN_PROC_PID), -1)
                 if self.touched and pid != self.own_pid and pid not in self.also_own:
                     out.append(Event("nft", f"table inet {NFT_TABLE} changed by pid {pid}"))
                 self.touched = False
                 continue
-            name = attrs.get(1, b"").rstrip(b"\0")
-            if family == NFPROTO_INET and name == NFT_TABLE.encode():
+            if concerns(family, attrs.get(NFTA_TABLE_NAME, b"")):
                 self.touched = True
         return out
 

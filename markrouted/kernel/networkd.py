@@ -11,8 +11,6 @@ import configparser
 import glob
 import os
 
-from ..collisions import Finding
-
 CONF_FILES = ["/usr/lib/systemd/networkd.conf", "/etc/systemd/networkd.conf"]
 DROPIN_DIRS = ["/usr/lib/systemd/networkd.conf.d", "/run/systemd/networkd.conf.d", "/etc/systemd/networkd.conf.d"]
 
@@ -63,9 +61,10 @@ def manages_foreign_rules(files: list[str] | None = None) -> bool:
     return value
 
 
-def networkd_findings() -> list[Finding]:
+def networkd_warnings() -> list[str]:
+    """What ``check --kernel`` warns about systemd-networkd (nothing when it is harmless)."""
     if networkd_running() and manages_foreign_rules():
-        return [Finding("warning", "systemd-networkd runs with ManageForeignRoutingPolicyRules=yes (the default) "
-                                   "and will delete markrouted's ip rules; set it to no in "
-                                   "/etc/systemd/networkd.conf.d/markrouted.conf (see README)")]
+        return ["systemd-networkd runs with ManageForeignRoutingPolicyRules=yes (the default) "
+                "and will delete markrouted's ip rules; set it to no in "
+                "/etc/systemd/networkd.conf.d/markrouted.conf (see README)"]
     return []

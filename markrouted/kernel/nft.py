@@ -1,25 +1,42 @@
-"""The nftables table ``inet markrouted`` through libnftables' JSON API.
+"""The nftables table ``inet markrouted``: its writes, its reading, and the one cache of it.
 
 markrouted owns exactly one table and touches nothing else, never the ruleset
-as a whole. Every write is one transaction that happens entirely or not at all:
+as a whole. Each kind of change has one write path, and every write is one
+transaction that happens entirely or not at all:
 
-* replace: ``add table; delete table; add table; chains; rules`` — there is no
-  ``destroy`` in nftables 1.0.6, and add-then-delete makes the delete succeed
-  whether or not the table existed;
-* refill: ``flush chain; add rule...`` for the few chains that changed (a
-  failover rewrites a one-rule chain, not the table).
-
-Reading back compares chains by their hook and by the comments of their rules;
-each comment carries a digest of the rule (see ``model.NftRule``).
+* replace (``NftUpdate.replace``): ``add table; delete table; table { chains
+  and rules }`` as one nft script through libnftables. nft's text syntax is
+  the one that nftables 1.0.6 (Debian 12) accepts ``socket cgroupv2`` in, so it
+  is the only syntax used; the script is ``NftTable.text()``, in which every
+  string that comes from the config (interface names, comments) went through
+  ``nftexpr.string`` when it was derived. There is no ``destroy`` in 1.0.6, and
+  add-then-delete makes the delete succeed whether or not the table existed;
+* refill (``NftUpdate.chains``): the rules of a few pick chains replaced in
+  one raw nf_tables batch (``nftraw``): a failover rewrites a one-rule chain,
+  not the table, and skips libnftables' fetch of the whole table. The diff
+  asks for a refill only when every changed chain is in the raw vocabulary
+  (``NftChain.raw_refillable``), otherwise for a replace;
+* remove (``NftUpdate.remove``): ``add table; delete table`` through libnftables.
 
 Reading is done by ``nftdump`` (two kernel-filtered nfnetlink dumps decoded
 with struct): libnftables lists a table only by fetching and decoding all of
-it, set elements included — hundreds of milliseconds for 2,500 rules. The
-kernel also counts nftables transactions in a per-namespace generation id,
-bumped by every commit of anyone; a reading is reused for as long as that id,
-read afresh on every ``read`` (one netlink round-trip), has not moved. The
-kernel stays the only source of truth: nothing written by markrouted is
-assumed, and any change by anyone makes the next read dump the table again.
+it, set elements included — hundreds of milliseconds for 2,500 rules. Drift
+detection compares chains by their hook and the comments of their rules; each
+comment carries a digest of the rule (see ``model.NftRule``).
+
+The one cache, and why the kernel proves it valid: the kernel counts
+nf_tables transactions in a per-namespace generation id, bumped by exactly
+one by every commit of anyone. ``read`` asks for the id (one round-trip) and
+reuses the last listing while the id has not moved. After one of our own
+writes succeeds, if the id is exactly the listing's id + 1, no one else
+committed between that listing and our write's end, so the table now is the
+listing with our change applied: it is remembered as the listing of the new
+generation. Any other id (someone else's commit slipped in, or the id is
+unreadable) drops the listing, and the next ``read`` dumps the table again.
+Nothing else is assumed: the kernel stays the only source of truth.
+
+Which nf_tables notifications concern the table is decided here too
+(``concerns``, used by ``events.NftWatch``).
 """
 
 from __future__ import annotations
@@ -27,13 +44,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
-
 from ..model import NFT_FAMILY, NFT_TABLE, NftChain, NftTable, NftUpdate
-from .errors import KernelError, PermissionDenied, Unsupported
+from .errors import KernelError, Unsupported, denied
+from .nl import NFPROTO_INET
 from .nftdump import NftDumper
-from .nftraw import RawRefill, encodable
+from .nftraw import RawRefill
 
-_T = {"family": NFT_FAMILY, "name": NFT_TABLE}
+_TABLE = f"{NFT_FAMILY} {NFT_TABLE}"
+#: the add before the delete makes the delete succeed whether or not the table exists
+_DELETE = f"add table {_TABLE}\ndelete table {_TABLE}\n"
+_GEN_MOD = 1 << 32
 
 
 def _load_binding() -> Any:
@@ -69,16 +89,46 @@ def lacks_net_admin(status: str = "/proc/self/status") -> bool:
     return False  # cannot tell: let the kernel decide
 
 
+def concerns(family: int, table: bytes) -> bool:
+    """Whether an nf_tables object message (its family, its table's name attribute) is about our table.
+
+    The event filter of ``events.NftWatch``: markrouted owns ``inet markrouted`` only.
+    """
+    return family == NFPROTO_INET and table.rstrip(b"\0") == NFT_TABLE.encode()
+
+
+def next_generation(gen: int) -> int:
+    """The generation id after one commit (the kernel skips 0 when it wraps)."""
+    return (gen + 1) % _GEN_MOD or 1
+
+
+def replace_script(table: NftTable) -> str:
+    """The replace transaction as one nft script."""
+    return _DELETE + table.text() + "\n"
+
+
+def refilled(table: NftTable | None, desired: NftTable, names: tuple[str, ...]) -> NftTable | None:
+    """``table`` with the rules of chains ``names`` taken from ``desired`` (None if any is missing)."""
+    if table is None:
+        return None
+    have = {c.name for c in table.chains}
+    chains: list[NftChain] = []
+    for chain in table.chains:
+        want = desired.chain(chain.name) if chain.name in names else None
+        chains.append(NftChain(chain.name, chain.base, want.rules) if want else chain)
+    return NftTable(tuple(chains)) if all(n in have for n in names) else None
+
+
 class Nft:
     def __init__(self) -> None:
         if lacks_net_admin():
-            raise PermissionDenied("nftables: permission denied (markrouted needs CAP_NET_ADMIN)")
+            raise denied("nftables")
         self.nft = _load_binding()
-        self.nft.set_json_output(True)
+        self.nft.set_json_output(True)  # for ``ruleset`` (check --kernel); writes are text
         self.nft.set_handle_output(False)
         self._dumper: NftDumper | None = None
         self._raw: RawRefill | None = None
-        #: (generation id, the table as listed in that generation)
+        #: (generation id, the table as it is in that generation); see the module doc
         self._listing: tuple[int, NftTable | None] | None = None
 
     def close(self) -> None:
@@ -95,26 +145,6 @@ class Nft:
             self._dumper = NftDumper()
         return self._dumper.generation()
 
-    def forget(self) -> None:
-        """Drop the remembered listing: the next ``read`` lists the table."""
-        self._listing = None
-
-    def _cmd(self, cmds: list[dict[str, Any]], what: str) -> Any:
-        rc, out, err = self.nft.json_cmd({"nftables": cmds})
-        if rc != 0:
-            raise _error(what, str(err))
-        return out
-
-    def list_json(self, what: str) -> dict[str, Any] | None:
-        rc, out, err = self.nft.cmd(f"list {what}")
-        if rc != 0:
-            text = str(err)
-            if "No such file or directory" in text:
-                return None
-            raise _error(f"list {what}", text)
-        result: dict[str, Any] = json.loads(out) if out else {"nftables": []}
-        return result
-
     def read(self) -> NftTable | None:
         """The table as the kernel holds it now (None: absent); see the module doc."""
         gen = self.generation()
@@ -128,134 +158,57 @@ class Nft:
         return table
 
     def ruleset(self) -> dict[str, Any]:
-        data = self.list_json("ruleset")
-        return data or {"nftables": []}
+        """The whole ruleset as libnftables' JSON (for the collision checks)."""
+        rc, out, err = self.nft.cmd("list ruleset")
+        if rc != 0:
+            raise _error("list ruleset", str(err))
+        result: dict[str, Any] = json.loads(out) if out else {"nftables": []}
+        return result
 
     def probe(self) -> None:
         """Fail clearly when nf_tables is unusable (a dry-run transaction)."""
         self.nft.set_dry_run(True)
         try:
-            self._cmd([{"add": {"table": dict(_T)}}], "nf_tables")
+            self._script(f"add table {_TABLE}\n", "nf_tables")
         finally:
             self.nft.set_dry_run(False)
 
     def apply(self, update: NftUpdate, desired: NftTable | None) -> None:
+        """Carry out one update in one transaction, by its kind's one write path."""
         if update.empty:
             return
+        before = self._listing
+        self._listing = None  # whatever happens next, unproven until the kernel says so
+        after: NftTable | None
         if update.remove or desired is None:
-            self._cmd(
-                [{"add": {"table": dict(_T)}}, {"delete": {"table": dict(_T)}}],
-                f"delete table {NFT_FAMILY} {NFT_TABLE}",
-            )
-            return
-        if update.replace:
-            what = f"replace table {NFT_FAMILY} {NFT_TABLE}"
-            if _needs_text(desired.chains):
-                self._script(replace_script(desired), what)
-                return
-            self._cmd(replace_commands(desired), what)
-            return
-        chains = [c for c in (desired.chain(name) for name in update.chains) if c is not None]
-        what = f"refill chains {', '.join(update.chains)}"
-        if encodable(chains):
-            # the failover path: no libnftables cache fetch of the whole table
+            self._script(_DELETE, f"delete table {_TABLE}")
+            after = None
+        elif update.replace:
+            self._script(replace_script(desired), f"replace table {_TABLE}")
+            after = desired
+        else:
+            chains = [c for c in (desired.chain(name) for name in update.chains) if c is not None]
             if self._raw is None:
                 self._raw = RawRefill()
             self._raw.refill(chains)
-            return
-        if _needs_text(chains):
-            self._script("".join(f"flush chain {NFT_FAMILY} {NFT_TABLE} {c.name}\n" + _rule_lines(c)
-                                 for c in chains), what)
-            return
-        cmds: list[dict[str, Any]] = []
-        for chain in chains:
-            cmds.append({"flush": {"chain": {**_chain_id(chain.name)}}})
-            cmds.extend(_rule_cmds(chain))
-        self._cmd(cmds, what)
+            after = refilled(before[1], desired, update.chains) if before is not None else None
+            if after is None:
+                return
+        gen = self.generation()
+        if before is not None and gen is not None and gen == next_generation(before[0]):
+            self._listing = (gen, after)
 
     def _script(self, script: str, what: str) -> None:
-        """One transaction in nft's own syntax (see :func:`_needs_text`)."""
+        """One transaction in nft's own syntax."""
         rc, _out, err = self.nft.cmd(script)
         if rc != 0:
             raise _error(what, str(err))
 
 
-def _chain_id(name: str) -> dict[str, Any]:
-    return {"family": NFT_FAMILY, "table": NFT_TABLE, "name": name}
-
-
-def _rule_cmds(chain: NftChain) -> list[dict[str, Any]]:
-    return [
-        {
-            "add": {
-                "rule": {
-                    "family": NFT_FAMILY,
-                    "table": NFT_TABLE,
-                    "chain": chain.name,
-                    "expr": rule.expr,
-                    "comment": rule.comment,
-                }
-            }
-        }
-        for rule in chain.rules
-    ]
-
-
-def replace_commands(table: NftTable) -> list[dict[str, Any]]:
-    cmds: list[dict[str, Any]] = [
-        {"add": {"table": dict(_T)}},
-        {"delete": {"table": dict(_T)}},
-        {"add": {"table": dict(_T)}},
-    ]
-    for chain in table.chains:
-        spec = _chain_id(chain.name)
-        if chain.base:
-            # integer priorities: "prio": "mangle" is accepted by nftables 1.0.6
-            # and silently yields a chain with no hook
-            spec.update(type=chain.base.type, hook=chain.base.hook, prio=chain.base.prio,
-                        policy=chain.base.policy)
-        cmds.append({"add": {"chain": spec}})
-    for chain in table.chains:
-        cmds.extend(_rule_cmds(chain))
-    return cmds
-
-
-def _needs_text(chains: Any) -> bool:
-    """True when a rule cannot go through libnftables' JSON input.
-
-    The JSON parser of nftables 1.0.6 (Debian 12) rejects ``socket cgroupv2``
-    ("Invalid socket key value") although the text parser and the kernel
-    support it; a table with a cgroup policy is therefore written as an nft
-    script, still one transaction.
-    """
-    return any('"cgroupv2"' in rule.expr_json for chain in chains for rule in chain.rules)
-
-
-def _rule_lines(chain: NftChain) -> str:
-    return "".join(
-        f'add rule {NFT_FAMILY} {NFT_TABLE} {chain.name} {rule.text} comment "{rule.comment}"\n'
-        for rule in chain.rules
-    )
-
-
-def replace_script(table: NftTable) -> str:
-    """:func:`replace_commands` in nft's text syntax."""
-    t = f"{NFT_FAMILY} {NFT_TABLE}"
-    lines = [f"add table {t}\n", f"delete table {t}\n", f"add table {t}\n"]
-    for chain in table.chains:
-        spec = ""
-        if chain.base:
-            b = chain.base
-            spec = f" {{ type {b.type} hook {b.hook} priority {b.prio}; policy {b.policy}; }}"
-        lines.append(f"add chain {t} {chain.name}{spec}\n")
-    lines += [_rule_lines(chain) for chain in table.chains]
-    return "".join(lines)
-
-
 def _error(what: str, text: str) -> KernelError:
     text = text.strip()
     if "Operation not permitted" in text or "Permission denied" in text:
-        return PermissionDenied(f"{what}: permission denied (markrouted needs CAP_NET_ADMIN)")
+        return denied(what)
     if "Protocol not supported" in text or "not supported" in text.lower():
         return Unsupported(f"{what}: this kernel has no usable nf_tables ({text.splitlines()[0] if text else ''})")
     first = text.splitlines()[0] if text else "failed"

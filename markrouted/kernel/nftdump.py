@@ -5,7 +5,8 @@ Drift detection compares each chain's hook and the comments of its rules
 else of the table is needed. libnftables can only list a table by fetching
 and decoding all of it, set elements included — over half a second for a
 thousand policies — while these two kernel-filtered dumps, decoded with
-struct, take milliseconds. libnftables stays the tool for every write.
+struct, take milliseconds. Writes go through libnftables (replacing the
+table) and the raw batch of ``nftraw`` (refilling pick chains); see ``nft``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,9 @@ from collections.abc import Iterator
 from ..model import NFT_TABLE, BaseHook, NftChain, NftRule, NftTable
 from . import nl
 from .errors import KernelError
+from .nl import NETLINK_NETFILTER, NFNL_SUBSYS_NFTABLES, NFPROTO_INET, NFTA_GEN_ID, NLM_F_ACK, NLM_F_DUMP
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
 NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETGEN = 1, 4, 7, 16
-NFTA_GEN_ID = 1
-NFPROTO_INET = 1
-NLM_F_ACK, NLM_F_DUMP = nl.NLM_F_ACK, nl.NLM_F_DUMP
 
 NFTA_TABLE_NAME = 1
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE = 1, 3, 4, 5, 7
@@ -34,7 +31,7 @@ HOOKS = {0: "prerouting", 1: "input", 2: "forward", 3: "output", 4: "postrouting
 POLICIES = {0: "drop", 1: "accept"}
 
 _HDR = nl.HDR
-_NFGEN = struct.Struct("=BBH")
+_NFGEN = nl.NFGENMSG
 _attrs = nl.attrs
 _str = nl.cstr
 _attr_str = nl.nla_str
@@ -79,8 +76,7 @@ class NftDumper:
             for item in self._request(NFT_MSG_GETGEN, NLM_F_ACK, b""):
                 value = _attrs(item, _HDR.size + _NFGEN.size, len(item)).get(NFTA_GEN_ID)
                 if value and len(value) >= 4:
-                    gen: int = struct.unpack(">I", value[:4])[0]
-                    return gen
+                    return nl.be32(value)
         except (KernelError, OSError):
             return None
         return None

@@ -8,29 +8,36 @@ a failover does together. The rules of those chains use a tiny vocabulary
 are encoded here directly into one nfnetlink batch: flush each chain, append
 its rules, all or nothing, exactly as libnftables would send them.
 
-``encode_rule`` returns None for anything outside that vocabulary; the caller
-then uses libnftables for the whole update. The expression JSON is the same
-one derive renders for libnftables, so both paths install the same rules
-(and the same comments, which is what drift detection compares).
+The vocabulary itself is parsed in the pure core (``model.raw_statements``,
+``NftRule.raw``), so the diff knows which changed chains can be refilled
+this way; any other change is written by replacing the table through
+libnftables (``nft``). The statements come from the same expression JSON
+derive renders for libnftables, so both paths install the same rules (and
+the same comments, which is what drift detection compares).
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
 from collections.abc import Sequence
-from typing import Any
 
-from ..model import NFT_TABLE, NftChain
+from ..model import NFT_TABLE, NftChain, NftRule, RawStatement
 from . import nl
+from .nl import (
+    NETLINK_NETFILTER,
+    NFNL_SUBSYS_NFTABLES,
+    NFPROTO_INET,
+    NFPROTO_IPV4,
+    NFPROTO_IPV6,
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
+)
 
-NETLINK_NETFILTER = 12
-NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWRULE, NFT_MSG_DELRULE = 6, 8
-NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
-NLM_F_REQUEST, NLM_F_ACK, NLM_F_CREATE, NLM_F_APPEND = 0x1, 0x4, 0x400, 0x800
 
 NFTA_RULE_TABLE, NFTA_RULE_CHAIN, NFTA_RULE_EXPRESSIONS, NFTA_RULE_USERDATA = 1, 2, 4, 7
 NFTA_LIST_ELEM = 1
@@ -68,54 +75,34 @@ def _cmp(op: int, value: bytes) -> bytes:
     return _expr("cmp", _u32(1, NFT_REG32_00), _u32(2, op), _nla(3, _nla(1, value), True))
 
 
-def _statement(item: Any) -> bytes | None:
-    if not isinstance(item, dict) or len(item) != 1:
-        return None
-    (key, value), = item.items()
-    if key == "goto" and isinstance(value, dict) and isinstance(value.get("target"), str):
-        return _verdict(NFT_GOTO, value["target"])
-    if key in ("drop", "accept", "return") and value is None:
-        return _verdict({"drop": NF_DROP, "accept": NF_ACCEPT, "return": NFT_RETURN}[key])
-    if key != "match" or not isinstance(value, dict):
-        return None
-    left, right, op = value.get("left"), value.get("right"), value.get("op")
-    if left == {"meta": {"key": "nfproto"}} and op == "==" and right in ("ipv4", "ipv6"):
-        proto = NFPROTO_IPV4 if right == "ipv4" else NFPROTO_IPV6
+def _statement(st: RawStatement) -> bytes:
+    if st.kind == "goto":
+        return _verdict(NFT_GOTO, st.name)
+    if st.kind == "verdict":
+        return _verdict({"drop": NF_DROP, "accept": NF_ACCEPT, "return": NFT_RETURN}[st.name])
+    if st.kind == "nfproto":
+        proto = NFPROTO_IPV4 if st.name == "ipv4" else NFPROTO_IPV6
         meta = _expr("meta", _u32(1, NFT_REG32_00), _u32(2, NFT_META_NFPROTO))
         return meta + _cmp(NFT_CMP_EQ, bytes([proto]))
-    ng = left.get("numgen") if isinstance(left, dict) else None
-    if (isinstance(ng, dict) and ng.get("mode") == "random" and not ng.get("offset")
-            and isinstance(ng.get("mod"), int) and op == "<" and isinstance(right, int)):
-        numgen = _expr("numgen", _u32(1, NFT_REG32_00), _u32(2, ng["mod"]), _u32(3, NFT_NG_RANDOM), _u32(4, 0))
-        # numgen leaves a host-order u32; cmp compares bytes, as nft does: to network order first
-        order = _expr("byteorder", _u32(1, NFT_REG32_00), _u32(2, NFT_REG32_00), _u32(3, NFT_BYTEORDER_HTON),
-                      _u32(4, 4), _u32(5, 4))
-        return numgen + order + _cmp(NFT_CMP_LT, struct.pack(">I", right))
-    return None
+    if st.kind != "numgen_lt":
+        raise ValueError(f"no raw encoding for {st}")
+    numgen = _expr("numgen", _u32(1, NFT_REG32_00), _u32(2, st.mod), _u32(3, NFT_NG_RANDOM), _u32(4, 0))
+    # numgen leaves a host-order u32; cmp compares bytes, as nft does: to network order first
+    order = _expr("byteorder", _u32(1, NFT_REG32_00), _u32(2, NFT_REG32_00), _u32(3, NFT_BYTEORDER_HTON),
+                  _u32(4, 4), _u32(5, 4))
+    return numgen + order + _cmp(NFT_CMP_LT, struct.pack(">I", st.bound))
 
 
-def encode_rule(expr_json: str) -> bytes | None:
+def encode_rule(rule: NftRule) -> bytes | None:
     """The NFTA_RULE_EXPRESSIONS payload of a rule, or None if outside the vocabulary."""
-    try:
-        expr = json.loads(expr_json)
-    except ValueError:
+    if rule.raw is None:
         return None
-    parts = []
-    for item in expr:
-        encoded = _statement(item)
-        if encoded is None:
-            return None
-        parts.append(encoded)
-    return b"".join(parts)
+    return b"".join(_statement(st) for st in rule.raw)
 
 
 def _userdata(comment: str) -> bytes:
     raw = comment.encode()[:254] + b"\0"
     return bytes([0, len(raw)]) + raw  # NFTNL_UDATA_RULE_COMMENT
-
-
-def encodable(chains: Sequence[NftChain]) -> bool:
-    return all(encode_rule(r.expr_json) is not None for c in chains for r in c.rules)
 
 
 class RawRefill:
@@ -128,7 +115,7 @@ class RawRefill:
         self.nl.close()
 
     def _msg(self, mtype: int, flags: int, family: int, attrs: bytes, res_id: int = 0) -> tuple[int, bytes]:
-        return self.nl.frame(mtype, flags, struct.pack("=BBH", family, 0, socket.htons(res_id)) + attrs)
+        return self.nl.frame(mtype, flags, nl.NFGENMSG.pack(family, 0, socket.htons(res_id)) + attrs)
 
     def refill(self, chains: Sequence[NftChain], table: str = NFT_TABLE) -> None:
         msgs: list[bytes] = []
@@ -142,7 +129,7 @@ class RawRefill:
             msgs.append(data)
             acks.add(seq)
             for rule in chain.rules:
-                expr = encode_rule(rule.expr_json)
+                expr = encode_rule(rule)
                 if expr is None:
                     raise ValueError(f"rule outside the raw vocabulary: {rule.text}")
                 attrs = ident + _nla(NFTA_RULE_EXPRESSIONS, expr, True) + _nla(NFTA_RULE_USERDATA,

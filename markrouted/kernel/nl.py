@@ -2,8 +2,10 @@
 
 Shared by the struct-decoded dumps (``rtdump``, ``nftdump``), the raw nf_tables
 refill (``nftraw``) and the event listener (``events``): message framing,
-attribute encoding and decoding, and one request/answer loop that turns the
-kernel's error replies into typed errors.
+attribute encoding and decoding, one request/answer loop that turns the
+kernel's error replies into typed errors, and the netlink numbers more than
+one of them needs (each object's own attribute numbers live with the object:
+``rules``, ``routes``, ``nftdump``/``nftraw``).
 """
 
 from __future__ import annotations
@@ -15,13 +17,41 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from .errors import KernelError, PermissionDenied
+from .errors import KernelError, denied
 
 HDR = struct.Struct("=IHHII")  # nlmsghdr: length, type, flags, sequence, port id
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
 NLM_F_DUMP_INTR = 0x10
+NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
 NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
 NLA_F_NESTED = 0x8000
+SOL_NETLINK = 270
+
+#: rtnetlink: the fixed header of rule and route messages (struct rtmsg / fib_rule_hdr)
+RTMSG = struct.Struct("=BBBBBBBBI")
+
+#: nfnetlink and its nf_tables subsystem
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFGENMSG = struct.Struct("=BBH")  # family, version, resource id (big endian)
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
+NFTA_GEN_ID, NFTA_GEN_PROC_PID = 1, 2
+
+
+def u32(value: bytes | None, default: int = 0) -> int:
+    """A host-order u32 attribute (rtnetlink)."""
+    if not value or len(value) < 4:
+        return default
+    out: int = struct.unpack("=I", value[:4])[0]
+    return out
+
+
+def be32(value: bytes | None, default: int = 0) -> int:
+    """A network-order u32 attribute (nfnetlink)."""
+    if not value or len(value) < 4:
+        return default
+    out: int = struct.unpack(">I", value[:4])[0]
+    return out
 
 
 class Interrupted(Exception):
@@ -73,7 +103,7 @@ def error_of(msg: bytes) -> int:
 
 def raise_for(code: int, what: str) -> None:
     if code in (errno.EPERM, errno.EACCES):
-        raise PermissionDenied(f"{what}: permission denied (markrouted needs CAP_NET_ADMIN)")
+        raise denied(what)
     raise KernelError(f"{what}: {os.strerror(code)}", code)
 
 

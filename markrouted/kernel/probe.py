@@ -24,7 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 
-from ..health import TargetResult
+from ..model import TargetResult
 from .errors import PermissionDenied
 
 SO_MARK = 36

@@ -6,7 +6,8 @@ into Python objects (about 3,000 messages/s, measured); here only the fixed
 headers and the few attributes markrouted reads are decoded, and the kernel
 filters what it can: with NETLINK_GET_STRICT_CHK a route dump asks for one
 protocol or one table only, so a full BGP table in main is never copied out
-to find markrouted's own routes. pyroute2 remains the API for every write.
+to find markrouted's own routes. A rule's and a route's messages are decoded
+by their own modules (``rules``, ``routes``); pyroute2 carries every write.
 """
 
 from __future__ import annotations
@@ -14,70 +15,26 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 
-from . import nl
+from . import nl, routes, rules
 from .errors import KernelError
+from .routes import RawRoute
+from .rules import RawRule
 
-SOL_NETLINK = 270
 NETLINK_GET_STRICT_CHK = 12
-RTM_GETLINK, RTM_GETADDR, RTM_GETROUTE, RTM_GETRULE = 18, 22, 26, 34
+RTM_GETLINK, RTM_GETADDR = 18, 22
 
 IFLA_IFNAME = 3
 IFA_ADDRESS, IFA_LOCAL, IFA_FLAGS = 1, 2, 8
-RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_PREFSRC, RTA_MULTIPATH, RTA_TABLE = 1, 4, 5, 6, 7, 9, 15
-FRA_SRC, FRA_PRIORITY, FRA_FWMARK, FRA_SUPPRESS_PREFIXLEN, FRA_TABLE, FRA_FWMASK, FRA_PROTOCOL = 2, 6, 10, 14, 15, 16, 21
 
 _HDR = nl.HDR
 _IFINFO = struct.Struct("=BxHiII")
 _IFADDR = struct.Struct("=BBBBI")
-_RTMSG = struct.Struct("=BBBBBBBBI")
-_NEXTHOP = struct.Struct("=HBBi")
 attrs = nl.attrs
-
-
-def u32(value: bytes | None, default: int = 0) -> int:
-    return struct.unpack("=I", value[:4])[0] if value and len(value) >= 4 else default
-
-
-def addr(family: int, value: bytes | None) -> str | None:
-    if not value:
-        return None
-    return socket.inet_ntop(family, value)
 
 
 def name(value: bytes | None) -> str:
     return value.rstrip(b"\0").decode(errors="replace") if value else ""
-
-
-@dataclass(frozen=True)
-class RawRoute:
-    family: int
-    table: int
-    dst: str | None
-    dst_len: int
-    protocol: int
-    scope: int
-    type: int
-    flags: int
-    oif: int | None
-    gateway: str | None
-    prefsrc: str | None
-    priority: int
-    nexthops: tuple[tuple[int, str | None], ...] = ()
-
-
-@dataclass(frozen=True)
-class RawRule:
-    family: int
-    table: int
-    priority: int
-    protocol: int
-    src: str | None
-    src_len: int
-    fwmark: int | None
-    fwmask: int | None
-    suppress_prefixlength: int
 
 
 class Dumper:
@@ -86,7 +43,7 @@ class Dumper:
     def __init__(self) -> None:
         self.nl = nl.Socket(socket.NETLINK_ROUTE)
         try:
-            self.nl.sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            self.nl.sock.setsockopt(nl.SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
             self.strict = True
         except OSError:
             self.strict = False
@@ -128,62 +85,24 @@ class Dumper:
             value = a.get(IFA_LOCAL) or a.get(IFA_ADDRESS)
             if value is None:
                 continue
-            flags = u32(a.get(IFA_FLAGS), flags8)
+            flags = nl.u32(a.get(IFA_FLAGS), flags8)
             out.append((index, socket.inet_ntop(family, value), plen, flags))
         return out
 
     def routes(self, family: int, table: int | None = None, protocol: int = 0) -> list[RawRoute]:
         """Routes of a family; the kernel filters by table and protocol when it can."""
-        extra = b""
-        if table is not None and self.strict:
-            extra = struct.pack("=HHI", 8, RTA_TABLE, table)
-        header = _RTMSG.pack(family, 0, 0, 0, 0, protocol if self.strict else 0, 0, 0, 0)
+        header, extra = routes.dump_request(family, table, protocol, self.strict)
         out = []
-        for _t, msg in self.dump(RTM_GETROUTE, header, extra):
-            fam, dst_len, _s, _tos, tbl, proto, scope, rtype, flags = _RTMSG.unpack_from(msg, _HDR.size)
-            if fam != family:
-                continue
-            a = attrs(msg, _HDR.size + _RTMSG.size, len(msg))
-            tbl = u32(a.get(RTA_TABLE), tbl)
-            if table is not None and tbl != table:
-                continue
-            if protocol and proto != protocol:
-                continue
-            hops: list[tuple[int, str | None]] = []
-            mp = a.get(RTA_MULTIPATH)
-            if mp:
-                off = 0
-                while off + _NEXTHOP.size <= len(mp):
-                    hlen, _hf, _hh, hidx = _NEXTHOP.unpack_from(mp, off)
-                    if hlen < _NEXTHOP.size:
-                        break
-                    ha = attrs(mp, off + _NEXTHOP.size, off + hlen)
-                    hops.append((hidx, addr(family, ha.get(RTA_GATEWAY))))
-                    off += (hlen + 3) & ~3
-            oif = a.get(RTA_OIF)
-            out.append(RawRoute(
-                family=fam, table=tbl, dst=addr(family, a.get(RTA_DST)), dst_len=dst_len, protocol=proto,
-                scope=scope, type=rtype, flags=flags, oif=u32(oif) if oif else None,
-                gateway=addr(family, a.get(RTA_GATEWAY)), prefsrc=addr(family, a.get(RTA_PREFSRC)),
-                priority=u32(a.get(RTA_PRIORITY)), nexthops=tuple(hops),
-            ))
+        for _t, msg in self.dump(routes.RTM_GETROUTE, header, extra):
+            raw = routes.decode(msg, family, table, protocol)
+            if raw is not None:
+                out.append(raw)
         return out
 
     def rules(self, family: int) -> list[RawRule]:
         out = []
-        for _t, msg in self.dump(RTM_GETRULE, _RTMSG.pack(family, 0, 0, 0, 0, 0, 0, 0, 0)):
-            fam, _dl, src_len, _tos, tbl, _r1, _r2, _action, _flags = _RTMSG.unpack_from(msg, _HDR.size)
-            if fam != family:
-                continue
-            a = attrs(msg, _HDR.size + _RTMSG.size, len(msg))
-            fwmark = a.get(FRA_FWMARK)
-            fwmask = a.get(FRA_FWMASK)
-            protocol = a.get(FRA_PROTOCOL)
-            out.append(RawRule(
-                family=fam, table=u32(a.get(FRA_TABLE), tbl), priority=u32(a.get(FRA_PRIORITY)),
-                protocol=protocol[0] if protocol else 0, src=addr(family, a.get(FRA_SRC)), src_len=src_len,
-                fwmark=u32(fwmark) if fwmark is not None else None,
-                fwmask=u32(fwmask) if fwmask is not None else None,
-                suppress_prefixlength=u32(a.get(FRA_SUPPRESS_PREFIXLEN), 0xFFFFFFFF),
-            ))
+        for _t, msg in self.dump(rules.RTM_GETRULE, rules.dump_header(family)):
+            raw = rules.decode(msg, family)
+            if raw is not None:
+                out.append(raw)
         return out

@@ -55,6 +55,8 @@ PICK_FAILED_OVER = NftChain("pick_0", None, (rule("goto set_wan2", "pick #bbbbbb
 OUTPUT = NftChain("output", BaseHook("route", "output", -150), (rule("goto pick_0", "policy web #cccccccccc"),))
 POST = NftChain("postrouting", BaseHook("nat", "postrouting", 100), ())
 TABLE = table(PICK, OUTPUT, POST)
+#: a rule the raw refill cannot encode
+MASQUERADE = NftRule('[{"masquerade":null}]', "masquerade", "masquerade #dddddddddd")
 
 
 def state(rules: frozenset[Rule] = frozenset(), routes: frozenset[Route] = frozenset(),
@@ -162,6 +164,8 @@ def test_replaced_route_is_not_also_removed() -> None:
                      NftUpdate(chains=("output",)), id="rule-deleted-refill"),
         pytest.param(TABLE, table(PICK, dataclasses.replace(OUTPUT, rules=OUTPUT.rules * 2), POST),
                      NftUpdate(chains=("output",)), id="rule-duplicated-refill"),
+        pytest.param(table(PICK_FAILED_OVER, OUTPUT, dataclasses.replace(POST, rules=(MASQUERADE,))), TABLE,
+                     NftUpdate(replace=True), id="chain-outside-raw-vocabulary-replace"),
         pytest.param(TABLE, table(POST, OUTPUT, PICK), NftUpdate(), id="chain-order-irrelevant"),
         pytest.param(None, TABLE, NftUpdate(remove=True), id="not-desired-remove"),
         pytest.param(None, None, NftUpdate(), id="neither"),

@@ -232,8 +232,6 @@ def modules() -> dict[str, Module]:
     return scan(PACKAGE_DIR)
 
 
-@pytest.mark.xfail(strict=True, reason="kernel/__init__ still imports config and derive, kernel/probe health, "
-                                       "kernel/networkd collisions: they move out of the kernel package")
 def test_kernel_imports_only_the_model(modules: dict[str, Module]) -> None:
     assert kernel_violations(modules) == []
 

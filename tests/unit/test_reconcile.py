@@ -162,14 +162,26 @@ def test_deleted_nft_table_is_replaced() -> None:
     converged(kernel)
 
 
-def test_flushed_chain_is_refilled() -> None:
+def test_flushed_hook_chain_replaces_the_table() -> None:
+    """A hook chain's rules are outside the raw refill's vocabulary: the table is replaced whole."""
     kernel = FakeKernel(WORLD)
     reconcile(config(), kernel)
     assert kernel.nft is not None
     kernel.nft = NftTable(tuple(NftChain(c.name, c.base, ()) if c.name == "output" else c for c in kernel.nft.chains))
     kernel.clear_writes()
     reconcile(config(), kernel)
-    assert kernel.writes == [("nft_apply", NftUpdate(chains=("output",)))]
+    assert kernel.writes == [("nft_apply", NftUpdate(replace=True))]
+    converged(kernel)
+
+
+def test_flushed_pick_chain_is_refilled() -> None:
+    kernel = FakeKernel(WORLD)
+    reconcile(config(), kernel)
+    assert kernel.nft is not None
+    kernel.nft = NftTable(tuple(NftChain(c.name, c.base, ()) if c.name == "pick_0" else c for c in kernel.nft.chains))
+    kernel.clear_writes()
+    reconcile(config(), kernel)
+    assert kernel.writes == [("nft_apply", NftUpdate(chains=("pick_0",)))]
     converged(kernel)
 
 
@@ -318,6 +330,9 @@ def test_fake_refuses_a_route_over_a_down_link() -> None:
     route = Route(V4, 101, "0.0.0.0/0", 0, ETH0, gateway="198.51.100.1")
     with pytest.raises(KernelError) as info:
         kernel.set_route(route)
+    assert info.value.code == errno.ENETUNREACH  # the gateway's connected route went with the link
+    with pytest.raises(KernelError) as info:
+        kernel.set_route(dataclasses.replace(route, onlink=True))
     assert info.value.code == errno.ENETDOWN
     with pytest.raises(KernelError) as info:
         kernel.set_route(dataclasses.replace(route, oif=99))
