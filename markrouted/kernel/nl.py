@@ -26,6 +26,9 @@ NLA_F_NESTED = 0x8000
 #: request at once, so silence this long means the answer was lost (or the
 #: socket is wrong), and a daemon must not wait for it forever
 TIMEOUT = 10.0
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+#: what one queued answer costs in the receive buffer (a small skb's true size, generously)
+ANSWER_COST = 2048
 
 
 class Interrupted(Exception):
@@ -105,6 +108,31 @@ class Socket:
     def frame(self, mtype: int, flags: int, body: bytes) -> tuple[int, bytes]:
         seq = next(self.seq)
         return seq, HDR.pack(HDR.size + len(body), mtype, flags, seq, 0) + body
+
+    def send(self, data: bytes, what: str, answers: int = 0) -> None:
+        """Send one datagram (a whole batch), the buffers first grown to hold it and ``answers`` acks.
+
+        The kernel refuses a datagram larger than the send buffer (EMSGSIZE),
+        and it handles a batch within this call, queueing the acknowledgements
+        before anyone reads them: those beyond the receive buffer would be
+        dropped (ENOBUFS).
+        """
+        self._grow(socket.SO_SNDBUF, SO_SNDBUFFORCE, len(data) + 4096)
+        if answers:
+            self._grow(socket.SO_RCVBUF, SO_RCVBUFFORCE, answers * ANSWER_COST)
+        try:
+            self.sock.send(data)
+        except OSError as exc:
+            raise KernelError(f"{what}: {exc.strerror or exc}", exc.errno) from exc
+
+    def _grow(self, option: int, force: int, size: int) -> None:
+        # the kernel reports twice the size it was given (its bookkeeping overhead)
+        if self.sock.getsockopt(socket.SOL_SOCKET, option) >= 2 * size:
+            return
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, force, size)  # beyond the sysctl limit: CAP_NET_ADMIN
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, option, size)
 
     def recv(self, size: int, what: str) -> bytes:
         """The next datagram; KernelError if none comes within the timeout."""
