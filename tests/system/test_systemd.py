@@ -154,7 +154,12 @@ class Net:
         peer = proc.stdout.strip()
         return ISP_OF.get(peer, f"other ({peer})") if peer else None
 
-    # ------------------------------------------------------------ kernel state, read from outside
+    # ------------------------------------------------------------ kernel state
+
+    # Routing state is read from outside with the host's iproute2; the nftables
+    # table with the container's own nft, the version that wrote it: an older
+    # nft may fail to decode what a newer libnftables wrote (bookworm's 1.0.6
+    # fails, with no message, to list the table trixie's 1.1 writes).
 
     def owned(self) -> dict[str, Any]:
         """Everything carrying markrouted's tag: rules, routes, its nft table."""
@@ -163,8 +168,10 @@ class Net:
                        if f"proto {PROTO}" in line or "proto markrouted" in line)
         routes = sorted(line for fam in ("-4", "-6")
                         for line in self.ip(ns, fam, "route", "show", "table", "all", "proto", PROTO).splitlines())
-        nft = run(["nsenter", f"--net=/run/netns/{ns}", "nft", "list", "table", "inet", "markrouted"],
-                  check=False).stdout
+        proc = self.ct.sh("nft", "list", "table", "inet", "markrouted", check=False)
+        if proc.returncode != 0 and "No such file or directory" not in proc.stderr:
+            raise RuntimeError(f"nft list table inet markrouted: exit {proc.returncode}: {proc.stderr}")
+        nft = proc.stdout
         return {"rules": rules, "routes": routes, "nft": nft}
 
     def foreign(self) -> dict[str, Any]:
@@ -175,7 +182,7 @@ class Net:
         routes = [re.sub(r" linkdown", "", line) for fam in ("-4", "-6")
                   for line in self.ip(ns, fam, "route", "show", "table", "all").splitlines()
                   if f"proto {PROTO}" not in line]
-        ruleset = json.loads(run(["nsenter", f"--net=/run/netns/{ns}", "nft", "-j", "list", "ruleset"]).stdout)
+        ruleset = json.loads(self.ct.sh("nft", "-j", "list", "ruleset").stdout)
         nft = []
         for item in ruleset["nftables"]:
             kind, value = next(iter(item.items()))
