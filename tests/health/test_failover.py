@@ -190,7 +190,7 @@ def test_tcp_method(lab: Lab, daemon: Callable[[str], Running]) -> None:
     _, cut_done = stamped(lambda: cut(lab, "isp1", "tcp dport 2222"))
     doc, _ = d.wait_state("wan1", "down", deadline=WAIT)
     assert doc["health"]["wan1"]["since"] - cut_done <= DOWN_BOUND
-    lab.sh("host", "ping", "-c1", "-W1", "-I", ISP1_CUSTOMER4, SERVER4)  # ICMP still passes isp1
+    lab.sh("host", "ping", "-c1", "-W10", "-I", ISP1_CUSTOMER4, SERVER4)  # ICMP still passes isp1
     assert carriers(lab, 80) == both("isp2")
     restore(lab, "isp1")
     d.wait_state("wan1", "up", deadline=WAIT)
