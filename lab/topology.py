@@ -54,9 +54,9 @@ CLIENT4, CLIENT6 = "192.0.2.10", "2001:db8:c::10"
 LAN4, LAN6 = "192.0.2.1", "2001:db8:c::1"
 SERVER_PORTS = (22, 80, 443, 2222, 8080)
 #: how long a connection expected to succeed is given. The lab's round trip is
-#: well under a millisecond, but a loaded machine can starve the agents for
-#: seconds; waiting longer costs nothing when the connection succeeds, and a
-#: test that expects a failure passes a short timeout of its own.
+#: well under a millisecond, but a loaded machine can starve the processes at
+#: both ends for seconds; waiting longer costs nothing when the connection
+#: succeeds, and a test that expects a failure passes a short timeout of its own.
 CONNECT_TIMEOUT = 10.0
 ROLES = ("host", "isp1", "isp2", "server", "client")
 

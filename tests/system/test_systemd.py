@@ -38,8 +38,9 @@ AGENT = os.path.join(ROOT, "lab", "agent.py")
 SERVER4, SERVER6 = "198.18.0.10", "2001:db8:ff::10"
 ISP_OF = {"198.51.100.2": "isp1", "2001:db8:1::2": "isp1", "203.0.113.2": "isp2", "2001:db8:2::2": "isp2"}
 PROTO = "109"  # markrouted's routing protocol number
-#: a connection expected to succeed gets this long (a loaded machine can starve the agents);
-#: one polled until it succeeds gets a short timeout and a longer deadline for the retries
+#: a connection expected to succeed gets this long (a loaded machine can starve the
+#: processes at both ends); one polled until it succeeds gets a short timeout and a
+#: longer deadline for the retries
 CONNECT_TIMEOUT, POLL_TIMEOUT, POLL_DEADLINE = 10.0, 1.0, 20.0
 
 TWO_UPLINKS = """\
