@@ -11,6 +11,11 @@ Then the chains are dumped over nfnetlink and each rule's attributes as the
 kernel serialises them back (expressions and userdata; handles, positions and
 chain names left out) must be identical; so must ``nft -j``'s decoding of them.
 
+The raw chains are written in two batches of some five hundred chains each,
+far beyond a netlink socket's default buffers (the refill must grow them, or
+the kernel refuses the batch or drops its acknowledgements), and each raw
+chain starts with a rule of another shape, which the refill must replace.
+
 The shapes are (a) every ``pick`` chain form derive produces, enumerated over
 failover and weighted policies of one to four uplinks, each uplink usable in
 no family, IPv4, IPv6 or both, with either fallback, and weights from 1 to
