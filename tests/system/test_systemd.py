@@ -163,7 +163,7 @@ class Net:
     # Routing state is read from outside with the host's iproute2; the nftables
     # table with the container's own nft, the version that wrote it: an older
     # nft may fail to decode what a newer libnftables wrote (bookworm's 1.0.6
-    # fails, with no message, to list the table trixie's 1.1 writes).
+    # dies of SIGSEGV listing any chain of the table trixie's 1.1.3 writes).
 
     def owned(self) -> dict[str, Any]:
         """Everything carrying markrouted's tag: rules, routes, its nft table."""
