@@ -53,6 +53,11 @@ ISP2_CUSTOMER4, ISP2_CUSTOMER6 = "203.0.113.2", "2001:db8:2::2"
 CLIENT4, CLIENT6 = "192.0.2.10", "2001:db8:c::10"
 LAN4, LAN6 = "192.0.2.1", "2001:db8:c::1"
 SERVER_PORTS = (22, 80, 443, 2222, 8080)
+#: how long a connection expected to succeed is given. The lab's round trip is
+#: well under a millisecond, but a loaded machine can starve the processes at
+#: both ends for seconds; waiting longer costs nothing when the connection
+#: succeeds, and a test that expects a failure passes a short timeout of its own.
+CONNECT_TIMEOUT = 10.0
 ROLES = ("host", "isp1", "isp2", "server", "client")
 
 
@@ -339,7 +344,7 @@ class Lab:
     # ------------------------------------------------------------ traffic
 
     def connect(self, role: str, addr: str, port: int, *, source: str | None = None,
-                uid: int | None = None, timeout: float = 3.0) -> str | None:
+                uid: int | None = None, timeout: float = CONNECT_TIMEOUT) -> str | None:
         """Open a TCP connection from ``role``; the server's view of our address, or None.
 
         With ``uid``, the client runs as that user (and group); it reads the
@@ -359,13 +364,14 @@ class Lab:
         out = proc.stdout.strip()
         return out or None
 
-    def connect_all(self, attempts: Sequence[tuple[str, str, int]], timeout: float = 3.0) -> list[str | None]:
+    def connect_all(self, attempts: Sequence[tuple[str, str, int]],
+                    timeout: float = CONNECT_TIMEOUT) -> list[str | None]:
         """Several :meth:`connect` (role, address, port) at once: failures cost one timeout, not one each."""
         with ThreadPoolExecutor(max_workers=max(1, len(attempts))) as pool:
             return list(pool.map(lambda a: self.connect(a[0], a[1], a[2], timeout=timeout), attempts))
 
     def connect_in_cgroup(self, role: str, cgroup_dir: str, addr: str, port: int,
-                          timeout: float = 3.0) -> str | None:
+                          timeout: float = CONNECT_TIMEOUT) -> str | None:
         """Like :meth:`connect`, from a process moved into ``cgroup_dir`` before it connects."""
         script = 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"'
         cmd = [*self.nsenter(role), "sh", "-c", script, "sh", cgroup_dir,
@@ -375,7 +381,7 @@ class Lab:
             raise RuntimeError(f"could not enter {cgroup_dir}: {proc.stderr.strip()}")
         return proc.stdout.strip() or None
 
-    def connect_many(self, role: str, addr: str, port: int, count: int, timeout: float = 2.0,
+    def connect_many(self, role: str, addr: str, port: int, count: int, timeout: float = CONNECT_TIMEOUT,
                      max_failures: int = 5) -> list[str | None]:
         """``count`` connections one after the other (one process); each the server's view, or None.
 
@@ -387,7 +393,7 @@ class Lab:
         peers: list[str | None] = [None if line == "-" else line for line in out.split()]
         return peers + [None] * (count - len(peers))
 
-    def hold(self, role: str, addr: str, port: int, timeout: float = 3.0) -> "Held":
+    def hold(self, role: str, addr: str, port: int, timeout: float = CONNECT_TIMEOUT) -> "Held":
         """A long-lived echo connection, to prove a flow survives what happens around it."""
         proc = subprocess.Popen([*self.nsenter(role), PYTHON, AGENT, "hold", addr, str(port), str(timeout)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -428,6 +434,31 @@ class Lab:
             if "counter" in item:
                 return int(item["counter"]["packets"])
         return 0
+
+    def counters(self, role: str, table: str) -> dict[str, int]:
+        """Packets counted by every named counter of ``table`` (family inet) in ``role``, read at once."""
+        data = json.loads(self.sh(role, "nft", "-j", "list", "counters", "table", "inet", table))
+        return {item["counter"]["name"]: int(item["counter"]["packets"])
+                for item in data["nftables"] if "counter" in item}
+
+    def wait_closed(self, roles: Sequence[str], port: int, deadline: float = 10.0) -> None:
+        """Wait until every TCP connection from ``roles`` to the server's ``port`` is closed on both sides.
+
+        A client's ``close`` returns before the server's FIN and the last ACK
+        have crossed the lab. Once the clients' sockets are in TIME-WAIT (or
+        gone) and the server holds nothing but its listener, the last ACK has
+        arrived too, so counters read afterwards hold every packet.
+        """
+        end = time.monotonic() + deadline
+        while True:
+            lines = [line for role in roles for line in self.sh(role, "ss", "-Htan", f"dport = :{port}").splitlines()]
+            lines += self.sh("server", "ss", "-Htan", f"sport = :{port}").splitlines()
+            busy = [line for line in lines if line.split() and line.split()[0] not in ("TIME-WAIT", "LISTEN")]
+            if not busy:
+                return
+            if time.monotonic() > end:
+                raise TimeoutError(f"connections to port {port} still open: {busy}")
+            time.sleep(0.02)
 
     def spoofed_drops(self, isp: str) -> int:
         """Packets the ISP dropped because their source was not its customer's (BCP 38)."""

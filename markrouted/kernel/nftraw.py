@@ -140,5 +140,6 @@ class RawRefill:
                 acks.add(seq)
         _, data = self._msg(NFNL_MSG_BATCH_END, NLM_F_REQUEST, socket.AF_UNSPEC, b"", NFNL_SUBSYS_NFTABLES)
         msgs.append(data)
-        self.nl.sock.send(b"".join(msgs))
-        self.nl.acks(acks, f"refill chains {', '.join(c.name for c in chains)}")
+        what = f"refill chains {', '.join(c.name for c in chains)}"
+        self.nl.send(b"".join(msgs), what, answers=len(acks))
+        self.nl.acks(acks, what)

@@ -25,6 +25,13 @@ NLM_F_DUMP_INTR = 0x10
 NLM_F_CREATE, NLM_F_APPEND = 0x400, 0x800
 NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 2, 3, 4
 NLA_F_NESTED = 0x8000
+#: how long a wait for the kernel's next answer may last: the kernel answers a
+#: request at once, so silence this long means the answer was lost (or the
+#: socket is wrong), and a daemon must not wait for it forever
+TIMEOUT = 10.0
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+#: what one queued answer costs in the receive buffer (a small skb's true size, generously)
+ANSWER_COST = 2048
 SOL_NETLINK = 270
 
 #: rtnetlink: the fixed header of rule and route messages (struct rtmsg / fib_rule_hdr)
@@ -108,15 +115,21 @@ def raise_for(code: int, what: str) -> None:
 
 
 class Socket:
-    """One netlink socket for requests: sequence numbers, answers, errors."""
+    """One netlink socket for requests: sequence numbers, answers, errors.
 
-    def __init__(self, protocol: int, rcvbuf: int = 1 << 20) -> None:
+    Every wait for an answer ends after ``timeout`` seconds of silence with a
+    KernelError naming what was awaited, never in a hang.
+    """
+
+    def __init__(self, protocol: int, rcvbuf: int = 1 << 20, timeout: float = TIMEOUT) -> None:
         try:
             self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, protocol)
         except OSError as exc:
             raise KernelError(f"cannot open a netlink socket: {exc}") from exc
         self.sock.bind((0, 0))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.timeout = timeout
+        self.sock.settimeout(timeout)  # each recv polls with this deadline
         self.seq = itertools.count(1)
 
     def close(self) -> None:
@@ -125,6 +138,40 @@ class Socket:
     def frame(self, mtype: int, flags: int, body: bytes) -> tuple[int, bytes]:
         seq = next(self.seq)
         return seq, HDR.pack(HDR.size + len(body), mtype, flags, seq, 0) + body
+
+    def send(self, data: bytes, what: str, answers: int = 0) -> None:
+        """Send one datagram (a whole batch), the buffers first grown to hold it and ``answers`` acks.
+
+        The kernel refuses a datagram larger than the send buffer (EMSGSIZE),
+        and it handles a batch within this call, queueing the acknowledgements
+        before anyone reads them: those beyond the receive buffer would be
+        dropped (ENOBUFS).
+        """
+        self._grow(socket.SO_SNDBUF, SO_SNDBUFFORCE, len(data) + 4096)
+        if answers:
+            self._grow(socket.SO_RCVBUF, SO_RCVBUFFORCE, answers * ANSWER_COST)
+        try:
+            self.sock.send(data)
+        except OSError as exc:
+            raise KernelError(f"{what}: {exc.strerror or exc}", exc.errno) from exc
+
+    def _grow(self, option: int, force: int, size: int) -> None:
+        # the kernel reports twice the size it was given (its bookkeeping overhead)
+        if self.sock.getsockopt(socket.SOL_SOCKET, option) >= 2 * size:
+            return
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, force, size)  # beyond the sysctl limit: CAP_NET_ADMIN
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, option, size)
+
+    def recv(self, size: int, what: str) -> bytes:
+        """The next datagram; KernelError if none comes within the timeout."""
+        try:
+            return self.sock.recv(size)
+        except TimeoutError as exc:
+            raise KernelError(f"{what}: no answer from the kernel within {self.timeout:g} s", errno.ETIMEDOUT) from exc
+        except OSError as exc:  # ENOBUFS: answers were dropped, waiting on would never end
+            raise KernelError(f"{what}: {exc.strerror or exc}", exc.errno) from exc
 
     def request(self, mtype: int, flags: int, body: bytes, what: str) -> Iterator[bytes]:
         """Send one request; yield its answers until done (a dump's end, or the ack).
@@ -135,7 +182,7 @@ class Socket:
         self.sock.send(data)
         interrupted = False
         while True:
-            for rtype, rflags, rseq, msg in messages(self.sock.recv(1 << 20)):
+            for rtype, rflags, rseq, msg in messages(self.recv(1 << 20, what)):
                 if rseq != seq:
                     continue  # a late answer to an earlier request
                 if rflags & NLM_F_DUMP_INTR:
@@ -151,7 +198,7 @@ class Socket:
     def acks(self, seqs: set[int], what: str) -> None:
         """Wait for the acknowledgement of every sequence number given."""
         while seqs:
-            for rtype, _f, rseq, msg in messages(self.sock.recv(1 << 16)):
+            for rtype, _f, rseq, msg in messages(self.recv(1 << 16, what)):
                 if rtype == NLMSG_ERROR and rseq in seqs:
                     code = error_of(msg)
                     if code:

@@ -12,7 +12,7 @@ import json
 import signal
 from collections.abc import Callable
 
-from .daemon_harness import (SSH_POLICY, WEB_POLICY, Daemon, TwoUplinks, config_text, replace_file,
+from .daemon_harness import (CONVERGE, SSH_POLICY, WEB_POLICY, Daemon, TwoUplinks, config_text, replace_file,
                              wait_until)
 
 Start = Callable[..., Daemon]
@@ -75,7 +75,7 @@ def test_invalid_config_is_refused_and_the_running_state_kept(net: TwoUplinks, s
     assert as_json["pid"] == d.proc.pid and "uplinks.wan2.mark" in as_json["config_error"]
     # the daemon keeps its own loop alive meanwhile: watchdog pings go on
     pings = d.notes.count("WATCHDOG", "1")
-    wait_until(lambda: d.notes.count("WATCHDOG", "1") >= pings + 2, "WATCHDOG=1 pings", 3.0, d.context)
+    wait_until(lambda: d.notes.count("WATCHDOG", "1") >= pings + 2, "WATCHDOG=1 pings", CONVERGE, d.context)
     # a kernel change is still handled under the refused config
     net.host.ip("rule", "del", "priority", "10100", "fwmark", "0x20000/0xff0000", "lookup", "102")
     d.wait(lambda: net.owned_snapshot() == before, "drift repaired under the previous config")
@@ -96,7 +96,7 @@ def test_notify_protocol_ready_status_watchdog_stopping(net: TwoUplinks, start: 
     assert len(ready) == 1 and ready[0].get("STATUS") == "2/2 uplinks up, 1 policies, in sync", notes
     # WATCHDOG=1 at half of WATCHDOG_USEC: about 10 pings a second
     first = d.notes.count("WATCHDOG", "1")
-    wait_until(lambda: d.notes.count("WATCHDOG", "1") >= first + 3, "three more WATCHDOG=1", 2.0, d.context)
+    wait_until(lambda: d.notes.count("WATCHDOG", "1") >= first + 3, "three more WATCHDOG=1", CONVERGE, d.context)
     assert d.stop(signal.SIGTERM) == 0
     last = d.notes.all()[-3:]
     assert any(m.get("STOPPING") == "1" for m in last), d.notes.all()[-5:]

@@ -11,8 +11,16 @@ Stickiness is shown twice. Every one of the 300 connections must complete
 its handshake and get the server's answer: a flow whose packets were spread
 over both uplinks would reach the server under two source addresses and be
 reset. And a long-lived connection opened before the burst keeps echoing
-between the batches; the server counts its packets per ISP, and all of them
-arrive through the one ISP whose address the server saw when it was opened.
+between the batches; the server counts its packets per ISP, and not one of
+them arrives through the ISP other than the one whose address the server saw
+when it was opened.
+
+How many packets the flow sends is TCP's business (delayed and piggybacked
+ACKs vary with the machine's speed), so the test asserts no count of them
+beyond the one the echo itself implies: each line is sent only after the
+previous echo came back, so each is at least one segment of its own through
+the carrier. That floor proves the counters see the flow at all, so the
+zero on the other ISP means something.
 """
 
 from __future__ import annotations
@@ -69,5 +77,5 @@ def test_balance_splits_new_flows_by_weight_and_never_moves_a_flow(
     carrier = which_isp(held.peer)
     other = "isp2" if carrier == "isp1" else "isp1"
     assert carrier in ("isp1", "isp2")
-    assert lab.counter("server", "held", carrier) >= 2 * BATCHES
+    assert lab.counter("server", "held", carrier) >= BATCHES, "the counters do not see the long-lived flow"
     assert lab.counter("server", "held", other) == 0, "the long-lived flow changed uplink mid-stream"

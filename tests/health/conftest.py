@@ -49,6 +49,22 @@ def restore(lab: Lab, isp: str) -> None:
     lab.sh(isp, "nft", "delete", "table", "inet", "cut")
 
 
+def stamped(action: Callable[[], object]) -> tuple[float, float]:
+    """Wall-clock times just before and just after ``action`` (a cut, a restore): it took effect in between.
+
+    Detection delays are measured from these to the verdict's own timestamp
+    (the health document's ``since``, stamped by the daemon when it decided),
+    so neither the test's command nor the reconcile pass, the status write
+    or the test's polling, all of which slow down with the machine, count
+    against a bound. The bound is checked from the end of the action (a
+    slow command cannot make the product look late), a minimum from its
+    start (a slow command cannot make it look early).
+    """
+    before = time.time()
+    action()
+    return before, time.time()
+
+
 @dataclass
 class Running:
     """``markrouted run`` in the lab's host, its output collected line by line as it comes."""

@@ -1,9 +1,11 @@
-"""Fixtures of the system tier: the built .deb, and a booted Debian 12 with it installed.
+"""Fixtures of the system tier: the built .deb, and a booted Debian 12 or 13 with it installed.
 
 The package is built once per session with the documented command
-(``scripts/build-deb``); the container is booted once per test module, because a
-test here is a sequence of operations on one running system, as an administrator
-would perform them. Each test still puts the service into the state it needs
+(``scripts/build-deb``); the container is booted once per test module and
+release, because a test here is a sequence of operations on one running system,
+as an administrator would perform them. Every test that uses the container runs
+on each release in ``SUITES`` (the same .deb on both: it is architecture- and
+release-independent). Each test still puts the service into the state it needs
 first, so any one of them can run alone.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from conftest import ROOT, missing  # the suite's root conftest
-from .nspawn import Container, deb_relations, rootfs
+from .nspawn import SUITES, Container, deb_relations, rootfs
 
 TOOLS = ("debootstrap", "systemd-nspawn", "nsenter", "ip", "dpkg-deb", "apt-get")
 
@@ -46,12 +48,13 @@ def deb() -> str:
     return path
 
 
-@pytest.fixture(scope="module")
-def container(deb: str) -> Iterator[Container]:
-    """A booted container whose root file system holds the package's dependencies and
-    recommendations (as `apt install` would bring), with the .deb installed by apt."""
-    root = rootfs(deb_relations(deb, "Depends", "Recommends"))
-    with Container(root) as ct:
+@pytest.fixture(scope="module", params=SUITES)
+def container(deb: str, request: pytest.FixtureRequest) -> Iterator[Container]:
+    """A booted container of one release whose root file system holds the package's dependencies
+    and recommendations (as `apt install` would bring), with the .deb installed by apt."""
+    suite: str = request.param
+    root = rootfs(deb_relations(deb, "Depends", "Recommends"), suite)
+    with Container(root, suite) as ct:
         ct.write("/tmp/markrouted.deb", open(deb, "rb").read())
         ct.sh("apt-get", "install", "-y", "-q", "--no-install-recommends", "/tmp/markrouted.deb", timeout=300)
         yield ct

@@ -1,7 +1,8 @@
-"""A Debian 12 with its own systemd as PID 1, booted in a container and driven from outside.
+"""A Debian 12 or 13 with its own systemd as PID 1, booted in a container and driven from outside.
 
-The root file system is made once by ``debootstrap --variant=minbase`` and cached
-under ``/var/cache/markrouted-test/`` keyed by its package list; every boot runs
+The root file system is made once per release by ``debootstrap --variant=minbase``
+from the host's Debian mirror and cached under ``/var/cache/markrouted-test/`` keyed
+by its release and package list; every boot runs
 on a throw-away overlay of it (``--volatile=overlay``), so the cache stays pristine
 and a test may install, break and reconfigure anything inside.
 
@@ -36,7 +37,8 @@ from collections.abc import Sequence
 from typing import Any
 
 CACHE = "/var/cache/markrouted-test"
-SUITE = "bookworm"
+#: the releases the package is installed and exercised on: Debian 12 and 13
+SUITES = ("bookworm", "trixie")
 # what the container needs to be a booted systemd system besides the package's own dependencies
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
 CLEAN_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "SYSTEMD_PAGER=", "TERM=dumb"]
@@ -82,27 +84,43 @@ def deb_relations(deb: str, *fields: str) -> list[str]:
 
 
 def host_mirror() -> str | None:
-    """The Debian mirror this host's apt uses, so the container comes from the same place."""
+    """The Debian mirror this host's apt uses, so the containers come from the same place.
+
+    The archive serving the host's own release serves the others too (one
+    mirror holds every suite), so any enabled ``.../debian`` entry will do.
+    """
     for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
         with open(path) as f:
             for stanza in f.read().split("\n\n"):
                 fields = dict(re.findall(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.M))
-                if SUITE in fields.get("Suites", "").split() and "Enabled: no" not in stanza:
+                if "deb" in fields.get("Types", "").split() and "Enabled: no" not in stanza:
                     for uri in fields.get("URIs", "").split():
                         if uri.rstrip("/").endswith("/debian"):
                             return uri
     with contextlib.suppress(OSError), open("/etc/apt/sources.list") as f:
         for line in f:
             parts = line.split()
-            if len(parts) >= 3 and parts[0] == "deb" and parts[2] == SUITE:
+            if len(parts) >= 3 and parts[0] == "deb" and parts[1].rstrip("/").endswith("/debian"):
                 return parts[1]
     return None  # debootstrap's own default
 
 
-def rootfs(packages: Sequence[str]) -> str:
-    """The cached minbase tree with ``packages`` (made on first use; about a minute)."""
+def release_of(root: str) -> str | None:
+    """The codename of the Debian tree at ``root`` (its os-release)."""
+    with contextlib.suppress(OSError), open(os.path.join(root, "etc", "os-release")) as f:
+        fields = dict(line.rstrip("\n").split("=", 1) for line in f if "=" in line)
+        return fields.get("VERSION_CODENAME", "").strip('"') or None
+    return None
+
+
+def rootfs(packages: Sequence[str], suite: str) -> str:
+    """The cached minbase tree of ``suite`` with ``packages`` (made on first use; about a minute).
+
+    One tree per release is kept: a stale tree of the same release is removed
+    when its package list changes, the other releases' trees stay.
+    """
     wanted = sorted(set(BASE_PACKAGES) | set(packages))
-    key = hashlib.sha256("\n".join([HARNESS_VERSION, SUITE, *wanted]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([HARNESS_VERSION, suite, *wanted]).encode()).hexdigest()[:16]
     path = os.path.join(CACHE, f"rootfs-{key}")
     os.makedirs(CACHE, exist_ok=True)
     with open(os.path.join(CACHE, ".lock"), "w") as lock:
@@ -110,16 +128,21 @@ def rootfs(packages: Sequence[str]) -> str:
         if os.path.exists(os.path.join(path, ".complete")):
             return path
         for stale in glob.glob(os.path.join(CACHE, "rootfs-*")):
-            shutil.rmtree(stale, ignore_errors=True)
+            if release_of(stale) in (suite, None):
+                shutil.rmtree(stale, ignore_errors=True)
+        for partial in glob.glob(os.path.join(CACHE, "building-*")):
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run (we hold the lock)
         tmp = tempfile.mkdtemp(prefix="building-", dir=CACHE)
         try:
-            cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(wanted)}", SUITE, tmp]
+            # the archive keyring verifies the release; Debian 12's keyring package
+            # carries the keys of Debian 13 too (scripts/install-deps makes sure)
+            cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(wanted)}", suite, tmp]
             mirror = host_mirror()
             if mirror:
                 cmd.append(mirror)
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
-                raise RuntimeError(f"debootstrap failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+                raise RuntimeError(f"debootstrap {suite} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
             with open(os.path.join(tmp, ".complete"), "w") as f:
                 f.write("\n".join(wanted) + "\n")
             os.rename(tmp, path)
@@ -163,8 +186,9 @@ def remove_cgroup(path: str) -> None:
 class Container:
     """One booted container; use as a context manager."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, suite: str) -> None:
         self.root = root
+        self.suite = suite
         self.name = "mrsys" + secrets.token_hex(4)
         self.cgroups = [os.path.join(r, self.name) for r in cgroup_roots()]
         self.journal = tempfile.mkdtemp(prefix="markrouted-journal-")
@@ -212,7 +236,10 @@ class Container:
         self.netns.append(self.ns)
         if state != "running":
             failed = self.sh("systemctl", "--failed", "--no-legend", check=False).stdout
-            raise RuntimeError(f"container booted {state}: {failed}")
+            raise RuntimeError(f"container ({self.suite}) booted {state}: {failed}")
+        booted = self.sh("sh", "-c", ". /etc/os-release && echo $VERSION_CODENAME").stdout.strip()
+        if booted != self.suite:
+            raise RuntimeError(f"the container runs {booted!r}, not {self.suite}")
 
     def _find_init(self) -> int | None:
         assert self.proc is not None
