@@ -31,11 +31,16 @@ def test_config_replaced_by_rename_is_applied(net: TwoUplinks, start: Start) -> 
     assert d.status()["policies"]["web"]["active"] == ["wan1"]  # type: ignore[index]
     assert d.lines("config reloaded")
     # RELOADING=1, then READY=1 once the new config is in force (sd_notify(3))
-    notes = d.notes.all()
-    reloading = [i for i, m in enumerate(notes) if m.get("RELOADING") == "1"]
-    assert reloading, notes
-    assert any(m.get("READY") == "1" for m in notes[reloading[-1] + 1:]), notes
-    assert "MONOTONIC_USEC" in notes[reloading[-1]], notes[reloading[-1]]
+    # the status file is written just before READY=1 is sent: wait for the note, do not race it
+    def ready_after_reloading() -> list[dict[str, str]] | None:
+        notes = d.notes.all()
+        reloading = [i for i, m in enumerate(notes) if m.get("RELOADING") == "1"]
+        if reloading and any(m.get("READY") == "1" for m in notes[reloading[-1] + 1:]):
+            return notes[reloading[-1]:]
+        return None
+
+    after = d.wait(ready_after_reloading, "READY=1 after RELOADING=1")
+    assert "MONOTONIC_USEC" in after[0], after[0]
 
 
 def test_sighup_after_an_in_place_edit_is_applied(net: TwoUplinks, start: Start) -> None:
