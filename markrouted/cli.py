@@ -18,6 +18,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load
+from .text import path as shown_path
 
 DEFAULT_CONFIG = "/etc/markrouted.toml"
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 3
@@ -32,7 +33,7 @@ def _load(args: argparse.Namespace) -> Config:
         return load(args.config)
     except ConfigError as exc:
         for line in exc.errors:
-            print(f"{args.config}: {line}", file=sys.stderr)
+            print(f"{shown_path(args.config)}: {line}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
 
 
@@ -55,9 +56,9 @@ def _kernel(args: argparse.Namespace, need_nft: bool = True) -> Any:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     for line in config.warnings:
-        print(f"{args.config}: warning: {line}", file=sys.stderr)
+        print(f"{shown_path(args.config)}: warning: {line}", file=sys.stderr)
     if not args.kernel:
-        print(f"{args.config}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
+        print(f"{shown_path(args.config)}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
         return EXIT_OK
     from .collisions import Finding, analyse
     from .kernel.networkd import networkd_findings
@@ -81,7 +82,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(str(f))
     errors = sum(1 for f in findings if f.severity == "error")
     warnings = len(findings) - errors
-    print(f"{args.config}: valid; kernel: {errors} errors, {warnings} warnings")
+    print(f"{shown_path(args.config)}: valid; kernel: {errors} errors, {warnings} warnings")
     return EXIT_ERROR if errors else EXIT_OK
 
 

@@ -36,6 +36,7 @@ from .kernel.errors import KernelError, PermissionDenied, Unsupported
 from .model import DesiredState, Health
 from .reconcile import Result, flush, reconcile
 from .status import Publisher, run_dir
+from .text import path as shown_path
 
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 30.0
 SETTLE = 0.0005  # let the rest of a burst of events land before a pass starts
@@ -616,7 +617,7 @@ def run(config_path: str, log_mode: str = "auto") -> int:
         config = load(config_path)
     except ConfigError as exc:
         for line in exc.errors:
-            print(f"{config_path}: {line}", file=sys.stderr)
+            print(f"{shown_path(config_path)}: {line}", file=sys.stderr)
             if log_mode != "console":
                 log.error("invalid config", error=line, object=config_path)
         return 1
