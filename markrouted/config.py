@@ -440,7 +440,7 @@ def _decimal(digits: str) -> int | None:
 
 def _key(name: str) -> str:
     """A table key as it appears in a key path, quoted when it is not a bare TOML key."""
-    return name if _BARE_KEY_RE.fullmatch(name) else _q(name)
+    return name if len(name) <= _text.ECHO_MAX and _BARE_KEY_RE.fullmatch(name) else _q(name)
 
 
 def _type_name(value: object) -> str:
@@ -624,7 +624,7 @@ def _ifname_problem(name: str) -> str | None:
         if char in _IFNAME_FORBIDDEN:
             return f"contains {_IFNAME_FORBIDDEN[char]}"
         if not " " < char <= "~":
-            if unicodedata.category(char).startswith("C"):
+            if unicodedata.category(char) == "Cc":
                 return "contains a control character"
             return "contains a character that is not printable ASCII"
     return None
@@ -971,7 +971,7 @@ def _gateway(value: object, path: str, version: int, errors: _Errors) -> Gateway
         return None
     problem = _unroutable(address)
     if problem is not None:
-        errors.add(path, f"{address} cannot be a gateway: {problem}")
+        errors.add(path, f"{text} cannot be a gateway: {problem}")
         return None
     return Gateway("address", address)
 
@@ -1074,7 +1074,7 @@ def _targets(value: object, path: str, errors: _Errors) -> list[IPAddress]:
             continue
         problem = _target_problem(address)
         if problem is not None:
-            errors.add(f"{path}[{i}]", f"{address} cannot be a health-check target: {problem}")
+            errors.add(f"{path}[{i}]", f"{item} cannot be a health-check target: {problem}")
             continue
         if address in seen:
             errors.add(f"{path}[{i}]", f"{address} is already listed at targets[{seen[address]}]")
