@@ -462,7 +462,7 @@ COUNT_LIMITS = [
     ("uplinks", uplinks, 256, "257 uplinks, more than 256"),
     ("policy",
      lambda n: WAN1 + "".join(f'[[policy]]\nname = "p{i}"\nuplinks = ["wan1"]\n' for i in range(n)),
-     1000, "1001 policies, more than 1000"),
+     10000, "10001 policies, more than 10000"),
     ("policy[0] (p).balance.wan1", lambda n: WAN1 + f'[[policy]]\nname = "p"\nbalance = {{ wan1 = {n} }}\n',
      1000, "1001 is out of range 1-1000"),
     ("policy[0] (p).proto", lambda n: policy(f"proto = {n - 1000 + 255}"), 1000, "256 is out of range 0-255"),
