@@ -234,7 +234,8 @@ def parse(text: str) -> Config:
         # tomllib descends once per level of nested arrays and inline tables
         raise ConfigError(["toml: arrays or tables nested too deeply"]) from None
     except ValueError:
-        # int() refuses decimal integers of thousands of digits before tomllib sees them
+        # tomllib's int() refuses a decimal integer of more than 4300 digits
+        # (sys.int_info.default_max_str_digits) with a plain ValueError
         raise ConfigError(["toml: a number has too many digits"]) from None
     return from_dict(data)
 
@@ -320,6 +321,7 @@ def from_dict(data: Mapping[str, Any]) -> Config:
 
 
 _DURATION_RE: Final = re.compile(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(ms|s|m|h)")
+_DURATION_TEXT_MAX: Final = 32
 _DURATION_UNITS: Final = MappingProxyType(
     {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
 )
@@ -343,9 +345,6 @@ def parse_duration(text: str) -> float:
     if not math.isfinite(seconds):
         raise ValueError(f"{text} is too long")
     return seconds
-
-
-_DURATION_TEXT_MAX: Final = 32
 
 
 # --------------------------------------------------------------------------- constants
