@@ -352,6 +352,7 @@ def parse_duration(text: str) -> float:
 _UPLINK_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _POLICY_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_ADDRESS_TEXT_RE: Final = re.compile(r"[0-9A-Fa-f.:/]+")
 _RANGE_RE: Final = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _TCP_METHOD_RE: Final = re.compile(r"tcp:([0-9]+)")
 
@@ -420,6 +421,15 @@ class _Errors:
 def _q(text: str) -> str:
     """A string quoted for a message: escaped, on one line, long ones cut short."""
     return _text.quote(text)
+
+
+def _address_text(text: str) -> str:
+    """An address as written, for a message: bare when it is plainly one, else quoted.
+
+    The parser accepts more than hex digits, dots and colons around an address: an IPv6
+    zone ("fe80::1%anything") and a prefix length of any number of digits.
+    """
+    return text if len(text) <= 64 and _ADDRESS_TEXT_RE.fullmatch(text) else _q(text)
 
 
 def _int_text(number: int) -> str:
@@ -681,7 +691,7 @@ def _network(value: object, path: str, errors: _Errors) -> IPNetwork | None:
         except ValueError:
             errors.add(path, f"{_q(text)} is not an IP address or CIDR")
         else:
-            errors.add(path, f"{text} has host bits set")
+            errors.add(path, f"{_address_text(text)} has host bits set")
         return None
     if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id is not None:
         errors.add(path, f"{_q(text)} has a zone index, which cannot be matched")
@@ -963,7 +973,7 @@ def _gateway(value: object, path: str, version: int, errors: _Errors) -> Gateway
         return None
     if address.version != version:
         other = "gateway" if address.version == 4 else "gateway6"
-        errors.add(path, f"{text} is an IPv{address.version} address, it belongs in {other}")
+        errors.add(path, f"{_address_text(text)} is an IPv{address.version} address, it belongs in {other}")
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         errors.add(path, f"{_q(text)} has a zone index; leave it out, the uplink's interface is used")

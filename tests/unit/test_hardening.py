@@ -494,6 +494,10 @@ EVIL = {
     "line-separator": "a\u2028b",
     "long": "x" * 5000,
     "quote-and-backslash": 'a" b\\',
+    # what the address parser accepts around user text: an IPv6 zone, a prefix length
+    "ipv6-zone": "fe80::1%x\nuplinks.wan1: forged",
+    "ipv6-zone-network": "fe80::1%\u001b[2J/64",
+    "long-prefix-length": "10.0.0.1/" + "0" * 3000 + "8",
 }
 
 #: Every place the config holds a string, as a template with the value quoted for TOML.
