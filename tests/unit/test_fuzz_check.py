@@ -279,13 +279,16 @@ else:
 
     bad_ifnames = st.one_of(weird_text, st.sampled_from(["a" * 16, "eth 0", "eth:0", "eth/0", "eth*", "all"]))
     good_addresses = ["192.0.2.1", "198.18.0.10", "203.0.113.5", "2001:db8::1", "2001:db8::53"]
-    bad_addresses = st.one_of(weird_text, st.sampled_from([
+    # an IPv6 zone is any text after '%', and the address parser accepts it
+    zoned = st.builds(lambda zone, tail: f"fe80::1%{zone}{tail}", weird_text, st.sampled_from(["", "/64"]))
+    bad_addresses = st.one_of(weird_text, zoned, st.sampled_from([
         "0.0.0.0", "0.1.2.3", "::", "127.0.0.1", "::1", "224.0.0.1", "ff02::1", "255.255.255.255", "169.254.1.1",
         "fe80::1", "::ffff:192.0.2.1", "fe80::1%eth0", "192.0.2.300", "router",
     ]))
     networks = mostly(
         st.sampled_from(["0.0.0.0/0", "::/0", "10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32", "198.51.100.7"]),
-        st.one_of(weird_text, st.sampled_from(["10.0.0.1/8", "192.0.2.0/33", "fe80::1%eth0/64", "1.2.3.4/" + "9" * 30])),
+        st.one_of(weird_text, zoned,
+                  st.sampled_from(["10.0.0.1/8", "192.0.2.0/33", "fe80::1%eth0/64", "1.2.3.4/" + "9" * 30])),
     )
 
     def durations(good: list[str]) -> Any:
