@@ -184,6 +184,23 @@ def test_a_valid_config_at_a_non_utf8_path_checks(tmp_path: Path) -> None:
     assert proc.stderr == b""
 
 
+def test_the_daemon_watches_a_config_at_a_non_utf8_path(tmp_path: Path) -> None:
+    """``run`` follows the file it loaded, whatever bytes its name holds."""
+    from markrouted.daemon import ConfigWatch
+
+    path = os.fsdecode(bytes(tmp_path) + b"/caf\xe9.toml")
+    with open(path, "w") as f:
+        f.write(VALID)
+    watch = ConfigWatch(path)
+    try:
+        assert not watch.changed()
+        with open(path, "a") as f:
+            f.write("# edited\n")
+        assert watch.changed()  # inotify queues the event before write() returns
+    finally:
+        watch.close()
+
+
 # ------------------------------------------------------------------ integers beyond 64 bits
 
 #: Every place an integer is read from a TOML number, with its key path.
