@@ -1305,10 +1305,10 @@ def _cgroup(value: object, path: str, errors: _Errors) -> str | None:
     """A cgroup v2 path relative to the root; a leading or trailing '/' is dropped.
 
     Any printable character may name a cgroup (systemd escapes unit names with
-    '\\', as in "dev-disk-by\\x2duuid.device"), except a double quote: nft's quoted
-    strings have no escape for it. Control characters are refused, and what the
-    kernel cannot hold: a name over 255 bytes, a path over 4000 bytes, a depth
-    over 255 (the highest "socket cgroupv2 level").
+    '\\', as in "dev-disk-by\\x2duuid.device"), except quotes (nft's quoted strings
+    have no escape for '"'; "'" goes with it, as in interface names) and control
+    characters. Nor what the kernel cannot hold: a name over 255 bytes, a path over
+    4000 bytes, a depth over 255 (the highest "socket cgroupv2 level").
     """
     text = _str(value, path, errors)
     if text is None:
@@ -1317,9 +1317,9 @@ def _cgroup(value: object, path: str, errors: _Errors) -> str | None:
     if not stripped:
         errors.add(path, "must not be empty")
         return None
-    bad = next((c for c in stripped if c == '"' or not c.isprintable()), None)
+    bad = next((c for c in stripped if c in "\"'" or not c.isprintable()), None)
     if bad is not None:
-        what = "a double quote" if bad == '"' else f"the character {_q(bad)}"
+        what = "a quote" if bad in "\"'" else f"the character {_q(bad)}"
         errors.add(path, f"{_q(text)} contains {what}, which a cgroup path may not")
         return None
     parts = stripped.split("/")

@@ -408,8 +408,9 @@ def cgroup_errors(path: str) -> list[str]:
 @pytest.mark.parametrize(
     ("path", "why"),
     [
-        ('a"b', "double quote"),
-        ('system.slice/x" accept', "double quote"),
+        ('a"b', "a quote"),
+        ('system.slice/x" accept', "a quote"),
+        ("it's.slice", "a quote"),
         *[(f"system.slice/a{chr(c)}b", "character") for c in [0, 1, 9, 10, 13, 0x1B, 0x7F, 0x85, 0x9B]],
         ("a\u202eb", "character"),
         ("a\u2028b", "character"),
