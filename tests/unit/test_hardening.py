@@ -125,29 +125,40 @@ def test_every_command_refuses_a_file_that_never_ends(command: tuple[str, ...], 
     assert_refused(proc, f"{path}: not a regular file {reason}")
 
 
-@pytest.mark.parametrize(
-    ("make", "reason"),
-    [
-        pytest.param(lambda tmp: str(tmp), "not a regular file (a directory)", id="directory"),
-        pytest.param(lambda tmp: "/dev/null", "not a regular file (a character device)", id="dev-null"),
-        pytest.param(lambda tmp: "socket", "not a regular file (a socket)", id="socket"),
-        pytest.param(lambda tmp: "fifo-link", "not a regular file (a FIFO)", id="symlink-to-fifo"),
-        pytest.param(lambda tmp: "big", f"larger than {MAX_FILE_SIZE} bytes", id="over-the-size-limit"),
-        pytest.param(lambda tmp: str(tmp / "missing.toml"), "No such file or directory", id="missing"),
-        pytest.param(lambda tmp: str(tmp / "a\nforged: valid\x1b[2J"), '/a\\nforged: valid\\x1b[2J": No such file',
-                     id="control-characters-in-the-name"),
-        pytest.param(lambda tmp: os.fsdecode(bytes(tmp) + b"/caf\xe9-missing.toml"), '/caf\\xe9-missing.toml": No such file',
-                     id="non-utf8-name"),
-    ],
-)
-def test_check_refuses(make: Any, reason: str, tmp_path: Path, fifo: str, unix_socket: str) -> None:
+@pytest.fixture
+def odd_files(tmp_path: Path, fifo: str, unix_socket: str) -> dict[str, bytes]:
+    """Paths of every kind a config path can name that is not a readable config."""
     os.symlink(fifo, tmp_path / "fifo-link")
     with open(tmp_path / "big", "wb") as f:
         f.truncate(MAX_FILE_SIZE + 1)  # sparse: the size alone is over the limit
-    path = make(tmp_path)
-    path = {"socket": unix_socket, "fifo-link": str(tmp_path / "fifo-link"), "big": str(tmp_path / "big")}.get(
-        path, path)
-    assert_refused(run_cli("-c", os.fsencode(path), "check"), reason)
+    base = bytes(tmp_path)
+    return {
+        "directory": base,
+        "dev-null": b"/dev/null",
+        "socket": os.fsencode(unix_socket),
+        "symlink-to-fifo": base + b"/fifo-link",
+        "over-the-size-limit": base + b"/big",
+        "missing": base + b"/missing.toml",
+        "control-characters-in-the-name": base + b"/a\nforged: valid\x1b[2J",
+        "non-utf8-name": base + b"/caf\xe9-missing.toml",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason"),
+    [
+        ("directory", "not a regular file (a directory)"),
+        ("dev-null", "not a regular file (a character device)"),
+        ("socket", "not a regular file (a socket)"),
+        ("symlink-to-fifo", "not a regular file (a FIFO)"),
+        ("over-the-size-limit", f"larger than {MAX_FILE_SIZE} bytes"),
+        ("missing", "No such file or directory"),
+        ("control-characters-in-the-name", '/a\\nforged: valid\\x1b[2J": No such file'),
+        ("non-utf8-name", '/caf\\xe9-missing.toml": No such file'),
+    ],
+)
+def test_check_refuses(kind: str, reason: str, odd_files: dict[str, bytes]) -> None:
+    assert_refused(run_cli("-c", odd_files[kind], "check"), reason)
 
 
 def test_a_file_growing_past_the_limit_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
