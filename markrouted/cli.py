@@ -18,7 +18,7 @@ from typing import Any
 
 from . import __version__
 from .config import Config, ConfigError, load
-from .text import path as shown_path
+from .text import escape, path as shown_path
 
 DEFAULT_CONFIG = "/etc/markrouted.toml"
 EXIT_OK, EXIT_ERROR, EXIT_PENDING = 0, 1, 3
@@ -79,7 +79,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), foreign_tables)
     findings += networkd_findings()
     for f in findings:
-        print(str(f))
+        print(escape(str(f)))  # foreign table and chain names are anyone's text
     errors = sum(1 for f in findings if f.severity == "error")
     warnings = len(findings) - errors
     print(f"{shown_path(args.config)}: valid; kernel: {errors} errors, {warnings} warnings")
