@@ -10,6 +10,15 @@ Validation collects every problem before raising, one line per problem naming th
 (``uplinks.wan2.mark: ...``, ``policy[1] (ssh).uplinks[0]: ...``), so that an administrator
 fixes a broken file in one pass instead of one error per restart. Unknown keys are errors:
 a typo must never be silently ignored.
+
+Whatever the input, the outcome is a Config or a ConfigError, never another exception or
+a wait: :func:`load` reads only a regular file of at most MAX_FILE_SIZE bytes, the
+parser's own limits (nesting depth, digits of an integer) become error lines, integers
+must fit in 64 bits, and every count and duration has a range. A value echoed in a
+message goes through :func:`markrouted.text.quote` (escaped, cut short), so no config can
+forge a line on a terminal or in the journal. Strings that end up inside nft's quotes
+(interface names, cgroup paths) are held to what the kernel and nft accept, so they can
+neither end the quotes nor turn into a wildcard or a name template.
 """
 
 from __future__ import annotations
