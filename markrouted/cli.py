@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .text import escape, path as shown_path
 
 if TYPE_CHECKING:
     from .config import Config
@@ -40,7 +41,7 @@ def _load(args: argparse.Namespace) -> Config:
         return load(args.config)
     except ConfigError as exc:
         for line in exc.errors:
-            print(f"{args.config}: {line}", file=sys.stderr)
+            print(f"{shown_path(args.config)}: {line}", file=sys.stderr)
         raise SystemExit(EXIT_ERROR) from None
 
 
@@ -63,9 +64,9 @@ def _kernel(args: argparse.Namespace, need_nft: bool = True) -> Any:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args)
     for line in config.warnings:
-        print(f"{args.config}: warning: {line}", file=sys.stderr)
+        print(f"{shown_path(args.config)}: warning: {line}", file=sys.stderr)
     if not args.kernel:
-        print(f"{args.config}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
+        print(f"{shown_path(args.config)}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
         return EXIT_OK
     from .collisions import Finding, analyse
     from .kernel.networkd import networkd_warnings
@@ -85,10 +86,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), kernel.netlink.foreign_route_tables())
     findings += [Finding("warning", text) for text in networkd_warnings()]
     for f in findings:
-        print(str(f))
+        print(escape(str(f)))  # foreign table and chain names are anyone's text
     errors = sum(1 for f in findings if f.severity == "error")
     warnings = len(findings) - errors
-    print(f"{args.config}: valid; kernel: {errors} errors, {warnings} warnings")
+    print(f"{shown_path(args.config)}: valid; kernel: {errors} errors, {warnings} warnings")
     return EXIT_ERROR if errors else EXIT_OK
 
 

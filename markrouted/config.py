@@ -10,6 +10,15 @@ Validation collects every problem before raising, one line per problem naming th
 (``uplinks.wan2.mark: ...``, ``policy[1] (ssh).uplinks[0]: ...``), so that an administrator
 fixes a broken file in one pass instead of one error per restart. Unknown keys are errors:
 a typo must never be silently ignored.
+
+Whatever the input, the outcome is a Config or a ConfigError, never another exception or
+a wait: :func:`load` reads only a regular file of at most MAX_FILE_SIZE bytes, the
+parser's own limits (nesting depth, digits of an integer) become error lines, integers
+must fit in 64 bits, and every count and duration has a range. A value echoed in a
+message goes through :func:`markrouted.text.quote` (escaped, cut short), so no config can
+forge a line on a terminal or in the journal. Strings that end up inside nft's quotes
+(interface names, cgroup paths) are held to what the kernel and nft accept, so they can
+neither end the quotes nor turn into a wildcard or a name template.
 """
 
 from __future__ import annotations
@@ -17,12 +26,13 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
-import json
 import math
 import os
 import re
 import socket
+import stat
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -31,8 +41,11 @@ from typing import Any, Final, Literal, TypeAlias, TypeVar
 
 from .model import IP_PROTOCOLS, PORT_PROTOCOLS, PRIORITY_SPAN, RESERVED_TABLES
 
+from . import text as _text
+
 __all__ = [
     "DEFAULT_PATH",
+    "MAX_FILE_SIZE",
     "Check",
     "Config",
     "ConfigError",
@@ -51,6 +64,8 @@ __all__ = [
 ]
 
 DEFAULT_PATH: Final = "/etc/markrouted.toml"
+MAX_FILE_SIZE: Final = 1024 * 1024
+"""The largest config file :func:`load` reads, in bytes (1 MiB)."""
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -234,22 +249,78 @@ def parse(text: str) -> Config:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"toml: {exc}"]) from None
+        raise ConfigError([f"toml: {_text.escape(str(exc))}"]) from None
+    except RecursionError:
+        # tomllib descends once per level of nested arrays and inline tables
+        raise ConfigError(["toml: arrays or tables nested too deeply"]) from None
+    except ValueError:
+        # tomllib's int() refuses a decimal integer of more than 4300 digits
+        # (sys.int_info.default_max_str_digits) with a plain ValueError
+        raise ConfigError(["toml: a number has too many digits"]) from None
     return from_dict(data)
 
 
 def load(path: str | os.PathLike[str]) -> Config:
-    """Read, parse and validate the config file at ``path``; raises ConfigError."""
+    """Read, parse and validate the config file at ``path``; raises ConfigError.
+
+    Only a regular file of at most MAX_FILE_SIZE bytes is read: a FIFO would block,
+    a device such as /dev/zero never ends, and a directory is not a config. The
+    file is opened non-blocking and checked again once open, so a file swapped for
+    a FIFO in between cannot block either.
+    """
     try:
-        with open(path, "rb") as file:
-            raw = file.read()
+        before = os.stat(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([_os_error(exc)]) from None
+    if not stat.S_ISREG(before.st_mode):
+        raise ConfigError([f"not a regular file ({_file_kind(before.st_mode)})"])
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (OSError, ValueError) as exc:
+        raise ConfigError([_os_error(exc)]) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError([f"not a regular file ({_file_kind(info.st_mode)})"])
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE_SIZE:
+            chunk = os.read(fd, MAX_FILE_SIZE + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
     except OSError as exc:
-        raise ConfigError([f"{os.fspath(path)}: {exc.strerror or exc}"]) from None
+        raise ConfigError([_os_error(exc)]) from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_SIZE:
+        raise ConfigError([f"larger than {MAX_FILE_SIZE} bytes (1 MiB), the most a config may have"])
+    raw = b"".join(chunks)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"toml: invalid UTF-8 at byte {exc.start}"]) from None
     return parse(text)
+
+
+def _os_error(exc: OSError | ValueError) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return _text.escape(str(exc))  # ValueError: a NUL byte in the path
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return "of an unknown kind"
 
 
 def from_dict(data: Mapping[str, Any]) -> Config:
@@ -270,6 +341,7 @@ def from_dict(data: Mapping[str, Any]) -> Config:
 
 
 _DURATION_RE: Final = re.compile(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(ms|s|m|h)")
+_DURATION_TEXT_MAX: Final = 32
 _DURATION_UNITS: Final = MappingProxyType(
     {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
 )
@@ -281,7 +353,9 @@ def parse_duration(text: str) -> float:
     A unit is required: a bare number is ambiguous. Raises ValueError with a message that
     can follow a key path.
     """
-    match = _DURATION_RE.fullmatch(text)
+    # a duration of more characters than this is a mistake or an attack; either way the
+    # regular expression and Decimal need not see it (and the message cuts it short)
+    match = _DURATION_RE.fullmatch(text) if len(text) <= _DURATION_TEXT_MAX else None
     if match is None:
         raise ValueError(f'expected a duration with a unit such as "2s", got {_q(text)}')
     # Decimal keeps "250ms" exactly 0.25 rather than 250 * 0.001.
@@ -298,6 +372,7 @@ def parse_duration(text: str) -> float:
 _UPLINK_NAME_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _POLICY_NAME_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _BARE_KEY_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
+_ADDRESS_TEXT_RE: Final = re.compile(r"[0-9A-Fa-f.:/]+")
 _RANGE_RE: Final = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 _TCP_METHOD_RE: Final = re.compile(r"tcp:([0-9]+)")
 
@@ -308,6 +383,23 @@ _KERNEL_RULES: Final = (32766, 32767)  # main and default
 _RESERVED_TABLES: Final = RESERVED_TABLES
 _ID_MAX: Final = 0xFFFFFFFE  # (uid_t)-1 means "no id"
 _WEIGHT_MAX: Final = 1000
+_INT64: Final = (-(2**63), 2**63 - 1)  # TOML's integers
+_DIGITS_MAX: Final = 20  # more decimal digits than any 64-bit number has
+_COUNT_MAX: Final = 1000  # down_after, up_after
+_TARGETS_MAX: Final = 16
+_UPLINKS_MAX: Final = 256
+_POLICIES_MAX: Final = 10000
+_CGROUP_DEPTH_MAX: Final = 255  # the kernel refuses "socket cgroupv2 level" above 255
+_CGROUP_NAME_MAX: Final = 255  # NAME_MAX: the longest directory name
+_CGROUP_PATH_MAX: Final = 4000  # PATH_MAX (4096) less room for the cgroup mount point
+# seconds: (minimum, maximum, and both as messages and the manual write them)
+_DURATION_LIMITS: Final = MappingProxyType(
+    {
+        "resync": (1.0, 86400.0, "1s", "24h"),
+        "interval": (0.05, 3600.0, "50ms", "1h"),
+        "timeout": (0.01, 3600.0, "10ms", "1h"),
+    }
+)
 
 _PROTOCOLS: Final = IP_PROTOCOLS
 _PROTOCOL_NAMES: Final = MappingProxyType({number: name for name, number in _PROTOCOLS.items()})
@@ -335,13 +427,37 @@ class _Errors:
 
 
 def _q(text: str) -> str:
-    """A string quoted for a message, escaping what would otherwise be invisible."""
-    return json.dumps(text, ensure_ascii=False)
+    """A string quoted for a message: escaped, on one line, long ones cut short."""
+    return _text.quote(text)
+
+
+def _address_text(text: str) -> str:
+    """An address as written, for a message: bare when it is plainly one, else quoted.
+
+    The parser accepts more than hex digits, dots and colons around an address: an IPv6
+    zone ("fe80::1%anything") and a prefix length of any number of digits.
+    """
+    return text if len(text) <= 64 and _ADDRESS_TEXT_RE.fullmatch(text) else _q(text)
+
+
+def _int_text(number: int) -> str:
+    """An integer for a message; one beyond 64 bits is described, not printed in full."""
+    if _INT64[0] <= number <= _INT64[1]:
+        return str(number)
+    return f"an integer of {number.bit_length()} bits"
+
+
+def _decimal(digits: str) -> int | None:
+    """The value of a string of ASCII digits; None when it has more digits than 64 bits need."""
+    digits = digits.lstrip("0") or "0"
+    if len(digits) > _DIGITS_MAX:
+        return None
+    return int(digits)
 
 
 def _key(name: str) -> str:
     """A table key as it appears in a key path, quoted when it is not a bare TOML key."""
-    return name if _BARE_KEY_RE.fullmatch(name) else _q(name)
+    return name if len(name) <= _text.ECHO_MAX and _BARE_KEY_RE.fullmatch(name) else _q(name)
 
 
 def _type_name(value: object) -> str:
@@ -383,6 +499,9 @@ def _is_array(value: object) -> bool:
 def _int(value: object, path: str, errors: _Errors) -> int | None:
     if _is_int(value):
         assert isinstance(value, int)
+        if not _INT64[0] <= value <= _INT64[1]:
+            errors.add(path, f"{_int_text(value)} is out of range (TOML integers have 64 bits)")
+            return None
         return value
     errors.add(path, _type_error("an integer", value))
     return None
@@ -444,12 +563,15 @@ def _int_in(value: object, path: str, lo: int, hi: int, errors: _Errors) -> int 
     return number
 
 
-def _at_least(value: object, path: str, lo: int, errors: _Errors) -> int | None:
+def _count(value: object, path: str, lo: int, hi: int, errors: _Errors) -> int | None:
     number = _int(value, path, errors)
     if number is None:
         return None
     if number < lo:
         errors.add(path, f"{number} is less than {lo}")
+        return None
+    if number > hi:
+        errors.add(path, f"{number} is more than {hi}, the maximum")
         return None
     return number
 
@@ -469,36 +591,78 @@ def _choice(value: object, path: str, choices: tuple[_Choice, ...], errors: _Err
     return None
 
 
-def _duration(value: object, path: str, errors: _Errors) -> tuple[float, str] | None:
-    """Seconds and the text as written (messages quote durations as the user wrote them)."""
+def _duration(value: object, path: str, key: str, errors: _Errors) -> tuple[float, str] | None:
+    """Seconds and the text as written (messages quote durations as the user wrote them).
+
+    ``key`` names the limits in _DURATION_LIMITS the duration must lie within.
+    """
     if isinstance(value, str):
         try:
-            return parse_duration(value), value
+            seconds = parse_duration(value)
         except ValueError as exc:
             errors.add(path, str(exc))
             return None
-    shown = str(value) if _is_int(value) or isinstance(value, float) else _type_name(value)
+        lo, hi, lo_text, hi_text = _DURATION_LIMITS[key]
+        if seconds < lo:
+            errors.add(path, f"{value} is shorter than {lo_text}, the minimum")
+            return None
+        if seconds > hi:
+            errors.add(path, f"{value} is longer than {hi_text}, the maximum")
+            return None
+        return seconds, value
+    if _is_int(value):
+        assert isinstance(value, int)
+        shown = _int_text(value)
+    elif isinstance(value, float):
+        shown = str(value)
+    else:
+        shown = _type_name(value)
     errors.add(path, f'expected a duration with a unit such as "2s", got {shown}')
     return None
 
 
 def _ifname_problem(name: str) -> str | None:
-    """Why the kernel would refuse ``name`` as a network interface name (dev_valid_name)."""
+    """Why ``name`` cannot be an interface markrouted matches, or None.
+
+    The kernel's own rules (dev_valid_name: 1-15 bytes, not "." or "..", no '/', ':'
+    or whitespace; "all" and "default" are its sysctl directories), and ours on top:
+    printable ASCII only, and none of the characters that mean something else to nft
+    ('*' makes "eth*" match every eth interface), to the kernel ('%' in "eth%d" is a
+    template for the next free number) or inside quoted nft text and messages
+    ('"', "'" and '\\').
+    """
     if not name:
         return "empty"
-    if len(name.encode()) >= _IFNAMSIZ:
+    if len(name.encode("utf-8", "surrogatepass")) >= _IFNAMSIZ:
         return f"longer than {_IFNAMSIZ - 1} bytes"
     if name in (".", ".."):
         return "'.' and '..' are not allowed"
-    if "/" in name:
-        return "contains '/'"
-    if ":" in name:
-        return "contains ':'"
-    if any(c.isspace() for c in name):
-        return "contains whitespace"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "contains a control character"
+    if name in ("all", "default"):
+        return "the kernel keeps the names 'all' and 'default' for its settings"
+    for char in name:
+        if char in _IFNAME_WHITESPACE or unicodedata.category(char) == "Zs":
+            return "contains whitespace"
+        if char in _IFNAME_FORBIDDEN:
+            return f"contains {_IFNAME_FORBIDDEN[char]}"
+        if not " " < char <= "~":
+            if unicodedata.category(char) == "Cc":
+                return "contains a control character"
+            return "contains a character that is not printable ASCII"
     return None
+
+
+_IFNAME_WHITESPACE: Final = frozenset(" \t\n\v\f\r")  # the kernel's isspace()
+_IFNAME_FORBIDDEN: Final = MappingProxyType(
+    {
+        "/": "'/'",
+        ":": "':'",
+        "*": "'*', a wildcard to nft",
+        "%": "'%', a name template to the kernel",
+        '"': "a quote",
+        "'": "a quote",
+        "\\": "a backslash",
+    }
+)
 
 
 def _ifname(value: object, path: str, errors: _Errors) -> str | None:
@@ -539,7 +703,7 @@ def _network(value: object, path: str, errors: _Errors) -> IPNetwork | None:
         except ValueError:
             errors.add(path, f"{_q(text)} is not an IP address or CIDR")
         else:
-            errors.add(path, f"{text} has host bits set")
+            errors.add(path, f"{_address_text(text)} has host bits set")
         return None
     if isinstance(network, ipaddress.IPv6Network) and network.network_address.scope_id is not None:
         errors.add(path, f"{_q(text)} has a zone index, which cannot be matched")
@@ -557,14 +721,18 @@ def _range(value: object, path: str, lo: int, hi: int, what: str, errors: _Error
         if match is None:
             errors.add(path, f'{_q(value)} is not {what} or a range "lo-hi"')
             return None
-        first = int(match[1])
-        last = int(match[2]) if match[2] is not None else first
+        low = _decimal(match[1])
+        high = _decimal(match[2]) if match[2] is not None else low
+        if low is None or high is None:
+            errors.add(path, f"{_q(value)} is out of range {lo}-{hi}")
+            return None
+        first, last = low, high
     else:
         errors.add(path, _type_error('an integer or a "lo-hi" string', value))
         return None
     bad = [n for n in (first, last) if not lo <= n <= hi]
     if bad:
-        errors.add(path, f"{bad[0]} is out of range {lo}-{hi}")
+        errors.add(path, f"{_int_text(bad[0])} is out of range {lo}-{hi}")
         return None
     if first > last:
         errors.add(path, f"range {first}-{last} is reversed")
@@ -604,7 +772,7 @@ def _parse_settings(data: object, errors: _Errors) -> tuple[Settings, bool]:
                 if priority is not None:
                     rule_priority = priority
             case "resync":
-                duration = _duration(value, path, errors)
+                duration = _duration(value, path, "resync", errors)
                 if duration is not None:
                     resync = duration[0]
             case "keep_main_routes":
@@ -686,6 +854,9 @@ def _parse_uplinks(
     table = _table(data, "uplinks", errors)
     if table is None:
         return (), frozenset()
+    if len(table) > _UPLINKS_MAX:
+        errors.add("uplinks", f"{len(table)} uplinks, more than {_UPLINKS_MAX}, the maximum")
+        return (), frozenset(table)
     used = _Used(marks={}, tables={}, interfaces={})
     uplinks: list[Uplink] = []
     for name, body in table.items():
@@ -814,15 +985,45 @@ def _gateway(value: object, path: str, version: int, errors: _Errors) -> Gateway
         return None
     if address.version != version:
         other = "gateway" if address.version == 4 else "gateway6"
-        errors.add(path, f"{text} is an IPv{address.version} address, it belongs in {other}")
+        errors.add(path, f"{_address_text(text)} is an IPv{address.version} address, it belongs in {other}")
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
         errors.add(path, f"{_q(text)} has a zone index; leave it out, the uplink's interface is used")
         return None
-    if address.is_unspecified or address.is_multicast or address.is_loopback:
-        errors.add(path, f"{text} cannot be a gateway")
+    problem = _unroutable(address)
+    if problem is not None:
+        errors.add(path, f"{text} cannot be a gateway: {problem}")
         return None
     return Gateway("address", address)
+
+
+_THIS_NETWORK: Final = ipaddress.IPv4Network("0.0.0.0/8")
+_BROADCAST: Final = ipaddress.IPv4Address("255.255.255.255")
+
+
+def _unroutable(address: IPAddress) -> str | None:
+    """Why no packet to ``address`` can go out by an uplink, or None."""
+    if address.is_unspecified:
+        return "it is the unspecified address"
+    if isinstance(address, ipaddress.IPv4Address) and address in _THIS_NETWORK:
+        return "0.0.0.0/8 means this host on this network, never a destination"
+    if address.is_loopback:
+        return "it is a loopback address"
+    if address.is_multicast:
+        return "it is a multicast address"
+    if address == _BROADCAST:
+        return "it is the broadcast address"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return f"it is an IPv4-mapped address; write {address.ipv4_mapped}"
+    return None
+
+
+def _target_problem(address: IPAddress) -> str | None:
+    """Why probing ``address`` could never show whether the ISP works, or None."""
+    problem = _unroutable(address)
+    if problem is None and address.is_link_local:
+        problem = "it is link-local, so a probe never gets past the first hop"
+    return problem
 
 
 def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
@@ -851,16 +1052,16 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
                 if parsed_method is not None:
                     method, port = parsed_method
             case "interval":
-                duration = _duration(value, path, errors)
+                duration = _duration(value, path, "interval", errors)
                 interval_ok = duration is not None
                 if duration is not None:
                     interval, interval_text = duration
             case "timeout":
-                timeout = _duration(value, path, errors)
+                timeout = _duration(value, path, "timeout", errors)
             case "down_after":
-                down_after = _at_least(value, path, 1, errors) or down_after
+                down_after = _count(value, path, 1, _COUNT_MAX, errors) or down_after
             case "up_after":
-                up_after = _at_least(value, path, 1, errors) or up_after
+                up_after = _count(value, path, 1, _COUNT_MAX, errors) or up_after
             case _:
                 _unknown(path, errors)
     if "targets" not in table:
@@ -885,9 +1086,16 @@ def _targets(value: object, path: str, errors: _Errors) -> list[IPAddress]:
     items = _array(value, path, errors)
     targets: list[IPAddress] = []
     seen: dict[IPAddress, int] = {}
+    if items is not None and len(items) > _TARGETS_MAX:
+        errors.add(path, f"{len(items)} targets, more than {_TARGETS_MAX}, the maximum")
+        return targets
     for i, item in enumerate(items or ()):
         address = _address(item, f"{path}[{i}]", errors)
         if address is None:
+            continue
+        problem = _target_problem(address)
+        if problem is not None:
+            errors.add(f"{path}[{i}]", f"{item} cannot be a health-check target: {problem}")
             continue
         if address in seen:
             errors.add(f"{path}[{i}]", f"{address} is already listed at targets[{seen[address]}]")
@@ -907,9 +1115,10 @@ def _method(value: object, path: str, errors: _Errors) -> tuple[ProbeMethod, int
     if match is None:
         errors.add(path, f'expected "icmp" or "tcp:PORT", got {_q(text)}')
         return None
-    port = int(match[1])
-    if not 1 <= port <= 65535:
-        errors.add(path, f"port {port} is out of range 1-65535")
+    port = _decimal(match[1])
+    if port is None or not 1 <= port <= 65535:
+        shown = _q(match[1]) if port is None else str(port)
+        errors.add(path, f"port {shown} is out of range 1-65535")
         return None
     return "tcp", port
 
@@ -922,6 +1131,9 @@ def _parse_policies(data: object, uplink_names: frozenset[str], errors: _Errors)
         errors.add("policy", _type_error("an array of tables ([[policy]])", data))
         return ()
     assert isinstance(data, (list, tuple))
+    if len(data) > _POLICIES_MAX:
+        errors.add("policy", f"{len(data)} policies, more than {_POLICIES_MAX}, the maximum")
+        return ()
     policies: list[Policy] = []
     names: dict[str, int] = {}
     for index, body in enumerate(data):
@@ -1102,7 +1314,14 @@ def _networks(value: object, path: str, errors: _Errors) -> tuple[IPNetwork, ...
 
 
 def _cgroup(value: object, path: str, errors: _Errors) -> str | None:
-    """A cgroup v2 path relative to the root; a leading or trailing '/' is dropped."""
+    """A cgroup v2 path relative to the root; a leading or trailing '/' is dropped.
+
+    Any printable character may name a cgroup (systemd escapes unit names with
+    '\\', as in "dev-disk-by\\x2duuid.device"), except quotes (nft's quoted strings
+    have no escape for '"'; "'" goes with it, as in interface names) and control
+    characters. Nor what the kernel cannot hold: a name over 255 bytes, a path over
+    4000 bytes, a depth over 255 (the highest "socket cgroupv2 level").
+    """
     text = _str(value, path, errors)
     if text is None:
         return None
@@ -1110,8 +1329,24 @@ def _cgroup(value: object, path: str, errors: _Errors) -> str | None:
     if not stripped:
         errors.add(path, "must not be empty")
         return None
-    if any(part in ("", ".", "..") for part in stripped.split("/")):
+    bad = next((c for c in stripped if c in "\"'" or not c.isprintable()), None)
+    if bad is not None:
+        what = "a quote" if bad in "\"'" else f"the character {_q(bad)}"
+        errors.add(path, f"{_q(text)} contains {what}, which a cgroup path may not")
+        return None
+    parts = stripped.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         errors.add(path, f"{_q(text)} is not a normalized cgroup path")
+        return None
+    if len(parts) > _CGROUP_DEPTH_MAX:
+        errors.add(path, f"{len(parts)} levels deep, more than {_CGROUP_DEPTH_MAX}, the deepest nft can match")
+        return None
+    long_part = next((p for p in parts if len(p.encode()) > _CGROUP_NAME_MAX), None)
+    if long_part is not None:
+        errors.add(path, f"the name {_q(long_part)} is longer than {_CGROUP_NAME_MAX} bytes")
+        return None
+    if len(stripped.encode()) > _CGROUP_PATH_MAX:
+        errors.add(path, f"longer than {_CGROUP_PATH_MAX} bytes")
         return None
     return stripped
 

@@ -270,7 +270,10 @@ def _rule(label: str, parts: Sequence[nx.X], salt: object = None) -> NftRule:
     expr_json = json.dumps(expr, sort_keys=True, separators=(",", ":"))
     text = " ".join(p.text for p in parts)
     digest = hashlib.sha256(f"{expr_json}|{salt}".encode()).hexdigest()[:10]
-    comment = f"{label[:80]} #{digest}"
+    # the comment is quoted nft text (with no escape for '"') and is shown in plan:
+    # printable ASCII only, whatever a name holds; 92 bytes fit nft's 128
+    safe = "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in label[:80])
+    comment = f"{safe} #{digest}"
     return NftRule(expr_json, text, comment, nx.string(comment).text)
 
 

@@ -4,6 +4,11 @@ Events are named by what happened ("route added", "uplink down"); their
 key/values become journal fields with a ``MARKROUTED_`` prefix
 (``MARKROUTED_UPLINK=wan1``, ``MARKROUTED_EVENT=uplink down``), so
 ``journalctl -u markrouted MARKROUTED_UPLINK=wan1`` finds an uplink's story.
+
+Values can carry text from the config file or the kernel (interface names, error
+lines). Both renderers escape every value (markrouted.text.escape), so no newline,
+terminal escape sequence or other control character reaches the terminal or the
+journal raw, and a log line cannot be forged.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+
+from .text import escape
 
 _PRIORITY = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "critical": 2, "exception": 3}
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
@@ -40,7 +47,7 @@ def _message(event: str, kv: dict[str, Any]) -> str:
     parts = [event]
     for key in ("uplink", "policy", "object", "reason", "error"):
         if key in kv and kv[key] not in (None, ""):
-            parts.append(f"{key}={kv[key]}")
+            parts.append(f"{key}={escape(str(kv[key]))}")
     return " ".join(parts) if len(parts) == 1 else parts[0] + ": " + " ".join(parts[1:])
 
 
@@ -54,10 +61,10 @@ class JournalRenderer:
 
     def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
         kv = dict(event_dict)
-        event = str(kv.pop("event", ""))
+        event = escape(str(kv.pop("event", "")))
         kv.pop("timestamp", None)
         level = kv.pop("level", method)
-        fields = {_field(k): str(v) for k, v in kv.items() if v is not None}
+        fields = {_field(k): escape(str(v)) for k, v in kv.items() if v is not None}
         fields["MARKROUTED_EVENT"] = event
         self.send(_message(event, kv), PRIORITY=str(_PRIORITY.get(level, 6)),
                   SYSLOG_IDENTIFIER="markrouted", **fields)
@@ -66,10 +73,10 @@ class JournalRenderer:
 
 def _plain_renderer(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> str:
     kv = dict(event_dict)
-    event = str(kv.pop("event", ""))
+    event = escape(str(kv.pop("event", "")))
     level = kv.pop("level", method)
     ts = kv.pop("timestamp", None)
-    rest = " ".join(f"{k}={v}" for k, v in kv.items() if v not in (None, ""))
+    rest = " ".join(f"{escape(str(k))}={escape(str(v))}" for k, v in kv.items() if v not in (None, ""))
     prefix = f"{ts} " if ts else ""
     tag = "" if level == "info" else f"{level}: "
     return f"{prefix}{tag}{event}" + (f"  {rest}" if rest else "")

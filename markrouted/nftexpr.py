@@ -50,6 +50,16 @@ def num(value: int, hexa: bool = False) -> X:
 
 
 def string(value: str) -> X:
+    """A quoted string (an interface name, a cgroup path).
+
+    nft's quoted strings have no escape for '"', so a value holding one could end
+    its quotes early and go on as nft syntax; a control character (a newline above
+    all) would end the rule. Validation never lets either through to here; should
+    one arrive anyway, it is refused rather than rendered.
+    """
+    bad = next((c for c in value if c == '"' or not c.isprintable()), None)
+    if bad is not None:
+        raise ValueError(f"refusing to put {bad!r} inside an nft string")
     return X(value, f'"{value}"')
 
 

@@ -30,6 +30,7 @@ from ..kernel import Kernel, KernelAPI
 from ..kernel.errors import KernelError, PermissionDenied, Unsupported
 from ..monitor import Monitor
 from ..status import run_dir as default_run_dir
+from ..text import path as shown_path
 from .clock import Clock, Timer
 from .reporter import Reporter
 from .requests import SETTLE, Batch, Requests
@@ -190,7 +191,7 @@ def run(config_path: str, log_mode: str = "auto") -> int:
         config = load(config_path)
     except ConfigError as exc:
         for line in exc.errors:
-            print(f"{config_path}: {line}", file=sys.stderr)
+            print(f"{shown_path(config_path)}: {line}", file=sys.stderr)
             if log_mode != "console":
                 log.error("invalid config", error=line, object=config_path)
         return 1

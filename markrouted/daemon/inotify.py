@@ -24,13 +24,13 @@ class ConfigWatch:
 
     def __init__(self, path: str) -> None:
         self.dir = os.path.dirname(os.path.abspath(path)) or "/"
-        self.name = os.path.basename(path).encode()
+        self.name = os.fsencode(os.path.basename(path))  # the bytes of the name, UTF-8 or not
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         self.fd = libc.inotify_init1(self.IN_NONBLOCK | self.IN_CLOEXEC)
         if self.fd < 0:
             raise OSError(ctypes.get_errno(), "inotify_init1")
         mask = self.IN_CLOSE_WRITE | self.IN_MOVED_TO | self.IN_CREATE | self.IN_DELETE | self.IN_MOVED_FROM
-        if libc.inotify_add_watch(self.fd, self.dir.encode(), mask) < 0:
+        if libc.inotify_add_watch(self.fd, os.fsencode(self.dir), mask) < 0:
             err = ctypes.get_errno()
             os.close(self.fd)
             raise OSError(err, f"inotify_add_watch {self.dir}")

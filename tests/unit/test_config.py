@@ -353,7 +353,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         WAN1 + 'gateway = "0.0.0.0"\n',
-        ["uplinks.wan1.gateway: 0.0.0.0 cannot be a gateway"],
+        ["uplinks.wan1.gateway: 0.0.0.0 cannot be a gateway: it is the unspecified address"],
         id="gateway-unspecified",
     ),
     pytest.param(
@@ -1071,13 +1071,13 @@ def test_load_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "missing.toml"
     with pytest.raises(ConfigError) as info:
         load(path)
-    assert info.value.errors == (f"{path}: No such file or directory",)
+    assert info.value.errors == ("No such file or directory",)
 
 
 def test_load_directory(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load(tmp_path)
-    assert info.value.errors == (f"{tmp_path}: Is a directory",)
+    assert info.value.errors == ("not a regular file (a directory)",)
 
 
 def test_load_invalid_utf8(tmp_path: Path) -> None:

@@ -52,6 +52,7 @@ KERNEL_LIBRARIES = ("pyroute2", "nftables")
 LEVELS: Mapping[str, int] = {
     "markrouted": 0,  # the version string
     "markrouted.model": 0,
+    "markrouted.text": 0,  # quoting user text for messages
     "markrouted.config": 1,
     "markrouted.nftexpr": 1,
     "markrouted.health": 2,
