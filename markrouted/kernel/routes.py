@@ -121,10 +121,10 @@ def to_route(r: RawRoute) -> Route:
 def message(route: Route) -> bytes:
     """The body of the RTM_NEWROUTE or RTM_DELROUTE of ``route``, tagged as markrouted's.
 
-    What pyroute2's ``IPRoute.route()`` sent for it (tests/unit/test_rtnl_encode.py
-    compares the bytes): the rtmsg with protocol, scope, type and the onlink
-    flag, RTA_TABLE and RTA_PRIORITY always (metric 0 included), no RTA_DST
-    for a default route, the rest only when set.
+    The bytes pyroute2's ``IPRoute.route()`` encodes for the same route
+    (tests/unit/test_rtnl_encode.py compares them): the rtmsg with protocol,
+    scope, type and the onlink flag, RTA_TABLE and RTA_PRIORITY always
+    (metric 0 included), no RTA_DST for a default route, the rest when set.
     """
     net = ipaddress.ip_network(route.dst)
     family = route.family

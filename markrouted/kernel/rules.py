@@ -88,25 +88,24 @@ def to_rule(raw: RawRule) -> Rule:
 def message(rule: Rule) -> bytes:
     """The body of the RTM_NEWRULE or RTM_DELRULE of ``rule``, tagged as markrouted's.
 
-    What pyroute2's ``IPRoute.rule()`` sent for it (tests/unit/test_rtnl_encode.py
-    compares the bytes): the fib_rule_hdr, FRA_TABLE always (the header's byte
-    cannot hold a table above 255), the mark and mask only as a pair, no
-    FRA_SUPPRESS_PREFIXLEN when unset.
+    The bytes pyroute2's ``IPRoute.rule()`` encodes for the same rule
+    (tests/unit/test_rtnl_encode.py compares them): the fib_rule_hdr,
+    FRA_TABLE always (the header's byte cannot hold a table above 255), the
+    mark and mask only as a pair, no FRA_SUPPRESS_PREFIXLEN when unset.
     """
     src_len = rule.src_len if rule.src is not None else 0
     table = rule.table if rule.table <= 255 else nl.RT_TABLE_COMPAT
-    out = [nl.RTMSG.pack(rule.family, 0, src_len, 0, table, 0, 0, FR_ACT_TO_TBL, 0)]
+    out = [nl.RTMSG.pack(rule.family, 0, src_len, 0, table, 0, 0, FR_ACT_TO_TBL, 0),
+           nl.nla(FRA_PRIORITY, struct.pack("=I", rule.priority)),
+           nl.nla(FRA_TABLE, struct.pack("=I", rule.table)),
+           nl.nla(FRA_PROTOCOL, struct.pack("=B", RTPROT_MARKROUTED))]
     if rule.src is not None:
         out.append(nl.nla(FRA_SRC, socket.inet_pton(rule.family, rule.src)))
-    out.append(nl.nla(FRA_PRIORITY, struct.pack("=I", rule.priority)))
     if rule.fwmask:
         out.append(nl.nla(FRA_FWMARK, struct.pack("=I", rule.fwmark)))
+        out.append(nl.nla(FRA_FWMASK, struct.pack("=I", rule.fwmask)))
     if rule.suppress_prefixlength != SUPPRESS_UNSET:
         out.append(nl.nla(FRA_SUPPRESS_PREFIXLEN, struct.pack("=I", rule.suppress_prefixlength)))
-    out.append(nl.nla(FRA_TABLE, struct.pack("=I", rule.table)))
-    if rule.fwmask:
-        out.append(nl.nla(FRA_FWMASK, struct.pack("=I", rule.fwmask)))
-    out.append(nl.nla(FRA_PROTOCOL, struct.pack("=B", RTPROT_MARKROUTED)))
     return b"".join(out)
 
 
