@@ -6,9 +6,8 @@ a traceback.
 
 Each command imports what it uses when it runs, and nothing at module level
 beyond argparse: ``status`` next to a running daemon reads one file, ``check``
-loads the kernel adapters only with ``--kernel``, and pyroute2 (writes and
-explain's route lookup), structlog and systemd (logging) only where they are
-used. ``bench/startup.py`` measures it; ``docs/design.md`` says why.
+loads the kernel adapters only with ``--kernel``, and pyroute2 (explain's
+route lookup), structlog and systemd (logging) only where they are used. ``bench/startup.py`` measures it; ``docs/design.md`` says why.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ This package imports nothing of markrouted but ``model`` and its own modules.
 Who does what:
 
 * ``rules``, ``routes``: an ip rule's and a route's wire form (decoding,
-  pyroute2 arguments, whose it is, which events concern it);
+  the message that writes one, whose it is, which events concern it);
 * ``netlink``: their I/O, plus links, addresses and route lookups: reads are
-  struct-decoded dumps (``rtdump``), writes go through pyroute2;
+  struct-decoded dumps (``rtdump``), writes one request each on the same
+  socket; only explain's route lookup loads pyroute2;
 * ``nft``: the nft table: replaced and removed through libnftables (nft's
   text syntax), pick chains refilled with a raw nf_tables batch (``nftraw``),
   read back over nfnetlink (``nftdump``), and the one cache of it;

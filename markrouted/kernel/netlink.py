@@ -1,12 +1,14 @@
 """Rules, routes, links and addresses over rtnetlink: the I/O.
 
-Reads are struct-decoded dumps (``rtdump``); writes, and the route lookups of
-``explain``, go through pyroute2's sync IPRoute, with the same calls on
-Debian 12's pyroute2 0.7.2 and on the 0.9 series. What a rule or a route is on
-the wire (its decoding, its write arguments, whose it is) lives in ``rules``
-and ``routes``; everything read back is normalised into the model's
-identities, so a rule or route compares equal to the desired one exactly when
-the kernel holds that object.
+Reads are struct-decoded dumps (``rtdump``); writes are one request each,
+encoded by ``rules.message`` and ``routes.message`` and sent on the dump's
+socket, so the daemon never imports pyroute2 (about 11 MB of its memory).
+Only the route lookup of ``explain`` goes through pyroute2's IPRoute,
+imported when it is first used. What a rule or a route is on the wire (its
+decoding, its message, whose it is) lives in ``rules`` and ``routes``;
+everything read back is normalised into the model's identities, so a rule or
+route compares equal to the desired one exactly when the kernel holds that
+object.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..model import (
     Route,
     Rule,
 )
-from . import routes, rules
+from . import nl, routes, rules
 from .errors import KernelError, denied
 from .rtdump import Dumper
 
@@ -39,11 +41,17 @@ IFF_LOWER_UP = 0x10000
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
 RTM_F_LOOKUP_TABLE = 0x1000
+NLM_F_REPLACE, NLM_F_EXCL = 0x100, 0x200
+
+#: ``ip rule add`` / ``ip route replace`` / either delete: acknowledged requests
+ADD = nl.NLM_F_REQUEST | nl.NLM_F_ACK | nl.NLM_F_CREATE | NLM_F_EXCL
+REPLACE = nl.NLM_F_REQUEST | nl.NLM_F_ACK | nl.NLM_F_CREATE | NLM_F_REPLACE
+DELETE = nl.NLM_F_REQUEST | nl.NLM_F_ACK
 
 
 @contextmanager
 def _translate(what: str) -> Iterator[None]:
-    from pyroute2.netlink.exceptions import NetlinkError  # the call it wraps needs pyroute2 anyway
+    from pyroute2.netlink.exceptions import NetlinkError  # route_get's call needs pyroute2 anyway
 
     try:
         yield
@@ -61,10 +69,11 @@ def _attr(msg: Any, name: str, default: Any = None) -> Any:
 class Netlink:
     """A thin, typed face over rtnetlink in the current namespace.
 
-    ``ipr`` (pyroute2) carries every write and the route lookups of explain.
-    Reads are the hot path of every reconcile and go through ``rtdump``: only
-    the fields markrouted uses are decoded, and with strict checking the kernel
-    itself sends only the routes of one protocol or one table.
+    One socket (``dumper.nl``) carries the dumps and the writes. Reads are the
+    hot path of every reconcile: only the fields markrouted uses are decoded,
+    and with strict checking the kernel itself sends only the routes of one
+    protocol or one table. ``ipr`` (pyroute2) serves explain's route lookups
+    only.
     """
 
     def __init__(self) -> None:
@@ -73,10 +82,11 @@ class Netlink:
 
     @property
     def ipr(self) -> Any:
-        """pyroute2's socket, opened (and pyroute2 imported) at the first write or lookup.
+        """pyroute2's socket, opened (and pyroute2 imported) at the first route lookup.
 
-        The read-only commands never need it: importing pyroute2 alone would
-        double the start-up time of ``plan`` (see bench/startup.py).
+        Nothing else needs it: importing pyroute2 alone would double the
+        start-up time of ``plan`` (see bench/startup.py) and add about 11 MB to
+        the daemon (see bench/daemon.py).
         """
         if self._ipr is None:
             from pyroute2 import IPRoute
@@ -155,11 +165,15 @@ class Netlink:
 
     # ---------------------------------------------------------------- writing
 
+    def _write(self, mtype: int, flags: int, body: bytes, what: str) -> None:
+        """One acknowledged request; the kernel's refusal raises (``nl.raise_for``)."""
+        for _answer in self.dumper.nl.request(mtype, flags, body, what):
+            pass  # a write is answered by its acknowledgement alone
+
     def add_rule(self, rule: Rule) -> bool:
         """Add a rule; False when it was there already (EEXIST is success)."""
         try:
-            with _translate(f"add {rule}"):
-                self.ipr.rule("add", **rules.args(rule))
+            self._write(rules.RTM_NEWRULE, ADD, rules.message(rule), f"add {rule}")
         except KernelError as exc:
             if exc.code == errno.EEXIST:
                 return False
@@ -167,9 +181,9 @@ class Netlink:
         return True
 
     def del_rule(self, rule: Rule) -> bool:
+        """Delete a rule; False when there was no such rule."""
         try:
-            with _translate(f"delete {rule}"):
-                self.ipr.rule("del", **rules.args(rule))
+            self._write(rules.RTM_DELRULE, DELETE, rules.message(rule), f"delete {rule}")
         except KernelError as exc:
             if exc.code in (errno.ENOENT, errno.ESRCH):
                 return False
@@ -177,13 +191,13 @@ class Netlink:
         return True
 
     def set_route(self, route: Route) -> None:
-        with _translate(f"replace {route}"):
-            self.ipr.route("replace", **routes.args(route))
+        """``ip route replace``: the route takes its slot in place."""
+        self._write(routes.RTM_NEWROUTE, REPLACE, routes.message(route), f"replace {route}")
 
     def del_route(self, route: Route) -> bool:
+        """Delete a route; False when there was no such route."""
         try:
-            with _translate(f"delete {route}"):
-                self.ipr.route("del", **routes.args(route))
+            self._write(routes.RTM_DELROUTE, DELETE, routes.message(route), f"delete {route}")
         except KernelError as exc:
             if exc.code in (errno.ENOENT, errno.ESRCH):
                 return False

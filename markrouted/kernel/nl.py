@@ -36,6 +36,8 @@ SOL_NETLINK = 270
 
 #: rtnetlink: the fixed header of rule and route messages (struct rtmsg / fib_rule_hdr)
 RTMSG = struct.Struct("=BBBBBBBBI")
+#: its table byte for a table above 255, which then travels in an attribute
+RT_TABLE_COMPAT = 252
 
 #: nfnetlink and its nf_tables subsystem
 NETLINK_NETFILTER = 12

@@ -6,11 +6,11 @@ Where a route lives, end to end:
   replace`` changes in place);
 * ``derive.derive_routes``: which routes the config wants in each uplink table;
 * here: decoding a route from an rtnetlink dump (struct, only the fields
-  markrouted uses), the pyroute2 arguments that write one, the ownership
+  markrouted uses), the message that writes one, the ownership
   filter (markrouted's proto tag, in a table that is not reserved) and the
   event filter (which RTM_NEWROUTE/RTM_DELROUTE wake the daemon);
 * ``netlink.Netlink``: the I/O (dumps the kernel filters by protocol or table,
-  pyroute2 for writes);
+  one request per write);
 * ``collisions.analyse``: foreign routes in an uplink's table;
 * ``tests/fakekernel.py``: the in-memory double, held to the same rules by the
   conformance scenarios (``tests/conformance.py``).
@@ -23,7 +23,6 @@ import socket
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 from ..model import AF_INET, MAIN_TABLE, RESERVED_TABLES, RTN_UNICAST, RTPROT_MARKROUTED, Route
 from . import nl
@@ -119,30 +118,30 @@ def to_route(r: RawRoute) -> Route:
     )
 
 
-def args(route: Route) -> dict[str, Any]:
-    """pyroute2's ``IPRoute.route()`` keywords for ``route``, tagged as markrouted's."""
+def message(route: Route) -> bytes:
+    """The body of the RTM_NEWROUTE or RTM_DELROUTE of ``route``, tagged as markrouted's.
+
+    The bytes pyroute2's ``IPRoute.route()`` encodes for the same route
+    (tests/unit/test_rtnl_encode.py compares them): the rtmsg with protocol,
+    scope, type and the onlink flag, RTA_TABLE and RTA_PRIORITY always
+    (metric 0 included), no RTA_DST for a default route, the rest when set.
+    """
     net = ipaddress.ip_network(route.dst)
-    out: dict[str, Any] = {
-        "family": route.family,
-        "dst": str(net.network_address),
-        "dst_len": net.prefixlen,
-        "table": route.table,
-        "proto": RTPROT_MARKROUTED,
-        "type": route.type,
-        "priority": route.metric,
-        "scope": route.scope,
-    }
-    if route.table > 255:
-        out["RTA_TABLE"] = route.table
+    family = route.family
+    table = route.table if route.table <= 255 else nl.RT_TABLE_COMPAT
+    flags = RTNH_F_ONLINK if route.onlink else 0
+    out = [nl.RTMSG.pack(family, net.prefixlen, 0, 0, table, RTPROT_MARKROUTED, route.scope, route.type, flags)]
+    if net.prefixlen:
+        out.append(nl.nla(RTA_DST, net.network_address.packed))
+    out.append(nl.nla(RTA_TABLE, struct.pack("=I", route.table)))
+    out.append(nl.nla(RTA_PRIORITY, struct.pack("=I", route.metric)))
     if route.oif:
-        out["oif"] = route.oif
+        out.append(nl.nla(RTA_OIF, struct.pack("=I", route.oif)))
     if route.gateway:
-        out["gateway"] = route.gateway
+        out.append(nl.nla(RTA_GATEWAY, socket.inet_pton(family, route.gateway)))
     if route.prefsrc:
-        out["prefsrc"] = route.prefsrc
-    if route.onlink:
-        out["flags"] = RTNH_F_ONLINK
-    return out
+        out.append(nl.nla(RTA_PREFSRC, socket.inet_pton(family, route.prefsrc)))
+    return b"".join(out)
 
 
 def event(mtype: int, msg: bytes, body: int, tables: Collection[int]) -> str | None:

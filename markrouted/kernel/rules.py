@@ -5,10 +5,10 @@ Where an ip rule lives, end to end:
 * ``model.Rule``: its identity, normalised to the form the kernel echoes back;
 * ``derive.derive_rules``: which rules the config wants;
 * here: decoding a rule from an rtnetlink dump (struct, only the fields
-  markrouted uses), the pyroute2 arguments that write one, the ownership
+  markrouted uses), the message that writes one, the ownership
   filter (markrouted's proto tag AND a priority inside one of its ranges) and
   the event filter (which RTM_NEWRULE/RTM_DELRULE wake the daemon);
-* ``netlink.Netlink``: the I/O (a dump for reads, pyroute2 for writes);
+* ``netlink.Netlink``: the I/O (dumps, and one request per write);
 * ``collisions.analyse``: foreign rules that collide with markrouted's;
 * ``tests/fakekernel.py``: the in-memory double, held to the same ownership
   rule by the conformance scenarios (``tests/conformance.py``).
@@ -17,9 +17,9 @@ Where an ip rule lives, end to end:
 from __future__ import annotations
 
 import socket
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 from ..model import RTPROT_MARKROUTED, SUPPRESS_UNSET, Rule, in_ranges
 from . import nl
@@ -85,30 +85,28 @@ def to_rule(raw: RawRule) -> Rule:
     )
 
 
-def args(rule: Rule) -> dict[str, Any]:
-    """pyroute2's ``IPRoute.rule()`` keywords for ``rule``, tagged as markrouted's.
+def message(rule: Rule) -> bytes:
+    """The body of the RTM_NEWRULE or RTM_DELRULE of ``rule``, tagged as markrouted's.
 
-    Attributes whose keyword form is unreliable across pyroute2 0.7 and 0.9 go
-    by their netlink names (``suppress_prefixlength=0`` is dropped as "unset").
+    The bytes pyroute2's ``IPRoute.rule()`` encodes for the same rule
+    (tests/unit/test_rtnl_encode.py compares them): the fib_rule_hdr,
+    FRA_TABLE always (the header's byte cannot hold a table above 255), the
+    mark and mask only as a pair, no FRA_SUPPRESS_PREFIXLEN when unset.
     """
-    out: dict[str, Any] = {
-        "family": rule.family,
-        "priority": rule.priority,
-        "table": rule.table,
-        "action": "to_tbl",
-        "FRA_PROTOCOL": RTPROT_MARKROUTED,
-    }
-    if rule.table > 255:
-        out["FRA_TABLE"] = rule.table
-    if rule.fwmask:
-        out["FRA_FWMARK"] = rule.fwmark
-        out["FRA_FWMASK"] = rule.fwmask
+    src_len = rule.src_len if rule.src is not None else 0
+    table = rule.table if rule.table <= 255 else nl.RT_TABLE_COMPAT
+    out = [nl.RTMSG.pack(rule.family, 0, src_len, 0, table, 0, 0, FR_ACT_TO_TBL, 0),
+           nl.nla(FRA_PRIORITY, struct.pack("=I", rule.priority)),
+           nl.nla(FRA_TABLE, struct.pack("=I", rule.table)),
+           nl.nla(FRA_PROTOCOL, struct.pack("=B", RTPROT_MARKROUTED))]
     if rule.src is not None:
-        out["src"] = rule.src
-        out["src_len"] = rule.src_len
+        out.append(nl.nla(FRA_SRC, socket.inet_pton(rule.family, rule.src)))
+    if rule.fwmask:
+        out.append(nl.nla(FRA_FWMARK, struct.pack("=I", rule.fwmark)))
+        out.append(nl.nla(FRA_FWMASK, struct.pack("=I", rule.fwmask)))
     if rule.suppress_prefixlength != SUPPRESS_UNSET:
-        out["FRA_SUPPRESS_PREFIXLEN"] = rule.suppress_prefixlength
-    return out
+        out.append(nl.nla(FRA_SUPPRESS_PREFIXLEN, struct.pack("=I", rule.suppress_prefixlength)))
+    return b"".join(out)
 
 
 def event(mtype: int, msg: bytes, body: int, lo: int, hi: int) -> str | None:

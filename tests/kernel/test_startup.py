@@ -1,8 +1,8 @@
 """What the one-shot commands load: read-only ones never import the write-side libraries.
 
 pyroute2 (with asyncio and OpenSSL under it) is about 90 ms and 15 MB of a
-command's start-up; markrouted reads the kernel with its own struct-decoded
-dumps and needs pyroute2 only to write and for explain's route lookup.
+command's start-up; markrouted reads and writes the kernel with its own
+netlink messages and needs pyroute2 only for explain's route lookup.
 structlog and systemd belong to the commands that log (apply, flush, run).
 Each command runs as a whole process in the test's namespace, with Python's
 own import log (PYTHONPROFILEIMPORTTIME) telling what it imported.
@@ -37,6 +37,15 @@ def test_read_only_commands_skip_the_write_side(host: Host, args: tuple[str, ...
     assert [lib for lib in WRITE_SIDE if lib in tops] == []
 
 
-def test_writing_loads_pyroute2(host: Host) -> None:
+def test_writing_skips_pyroute2(host: Host) -> None:
+    """apply writes every rule and route with markrouted's own netlink messages."""
+    assert host.owned_rules(4) == [] and host.owned_routes(6) == []  # a fresh namespace: all to write
+    tops = imported(host, "apply", "--quiet")
+    assert "pyroute2" not in tops
+    assert host.owned_rules(4) and host.owned_rules(6) and host.owned_routes(4) and host.owned_routes(6)
+
+
+def test_explain_loads_pyroute2(host: Host) -> None:
     """The counter-check: the import log does see pyroute2 where it is used."""
-    assert "pyroute2" in imported(host, "apply", "--quiet")
+    host.apply()
+    assert "pyroute2" in imported(host, "explain", "--proto", "tcp", "--dport", "22", "--daddr", "192.0.2.77")
