@@ -47,8 +47,9 @@ def _load(args: argparse.Namespace) -> Config:
 def _kernel(args: argparse.Namespace, need_nft: bool = True) -> Any:
     """The kernel adapter, closed when the command ends (main's exit stack).
 
-    Closing matters: pyroute2 0.9 keeps an event loop per socket, and one left
-    to the garbage collector at exit prints a traceback.
+    Closing matters: ``explain`` opens pyroute2 for its route lookup, and
+    pyroute2 0.9 keeps an event loop per socket; one left to the garbage
+    collector at exit prints a traceback.
     """
     from .kernel import Kernel
 

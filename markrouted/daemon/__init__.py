@@ -166,7 +166,7 @@ class Daemon:
         if stop:
             await self._flush_or_keep()
             self.reporter.remove()
-        # closed by the thread that opened it (pyroute2 0.9 keeps a loop per socket)
+        # closed by the thread that used it, after its last pass
         await self.worker.close()
         for source in self.sources:
             source.close()

@@ -1,10 +1,10 @@
 """The kernel thread: where a pass, a conntrack clear and the flush on stop run.
 
-All kernel I/O of the daemon runs in one worker thread: pyroute2's synchronous
-API is the one shared by Debian 12's 0.7.2 and the 0.9 series, and 0.9's
-refuses to run inside an event loop. One thread also means the kernel adapter
-is opened, used and closed by the same thread (pyroute2 0.9 keeps an event
-loop per socket), and kernel work never overlaps.
+All kernel I/O of the daemon runs in one worker thread: netlink requests and
+libnftables transactions are blocking calls, and the event loop must keep
+reading events, probing and answering the watchdog while a large transaction
+runs. One thread also means the kernel adapter is opened, used and closed by
+the same thread, and kernel work never overlaps.
 
 A pass is ``reconcile()`` and nothing else: it re-reads the kernel whatever
 woke it (docs/design.md). Its outcome says whether it converged; a failed
