@@ -21,6 +21,7 @@ commit.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Mapping
 
@@ -268,6 +269,16 @@ def test_deriver_renders_the_same(case: str) -> None:
     assert sections(deriver(observed, health)) == want
     assert sections(deriver(observed, {})) == sections(derive(config, observed, {}))
     assert sections(deriver(observed, health)) == want
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_expressions_are_canonical_json(case: str) -> None:
+    """Each rule's expression is json.dumps' canonical text (sorted keys, no spaces, ASCII)."""
+    state = derive(*CASES[case])
+    assert state.nft is not None
+    for c in state.nft.chains:
+        for r in c.rules:
+            assert json.dumps(json.loads(r.expr_json), sort_keys=True, separators=(",", ":")) == r.expr_json
 
 
 def test_the_cases_cover_what_they_claim() -> None:
