@@ -17,6 +17,11 @@ as an installed package has it; without that every run would compile the
 modules again. One more run of each command under ``python3 -X importtime``
 tells which of the heavy libraries it loaded and how many modules in all.
 
+For the 1,000-policy config, where a no-op ``plan``'s time goes: the same
+steps as ``markrouted plan``, timed inside one fresh process each run (imports,
+config load and validation, opening the kernel adapters, observe, derive, the
+nft table read back, owned rules and routes, diff).
+
 The target: a no-op ``plan`` in at most 150 ms. The namespaces are removed
 whatever happens.
 """
@@ -24,6 +29,7 @@ whatever happens.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import secrets
@@ -68,6 +74,30 @@ dport = [443]
 balance = { wan1 = 3, wan2 = 1 }
 """
 
+#: One no-op plan, step by step, in one process (what ``cli.cmd_plan`` and
+#: ``reconcile.compute`` do); prints one JSON object of milliseconds per step.
+PHASES = r"""
+import json, sys, time
+t = [time.perf_counter()]
+from markrouted.config import load
+from markrouted.derive import derive, needs
+from markrouted.diff import diff
+from markrouted.kernel import Kernel
+t.append(time.perf_counter())
+config = load(sys.argv[1]); t.append(time.perf_counter())
+kernel = Kernel(need_nft=True); t.append(time.perf_counter())
+observed = kernel.observe(needs(config)); t.append(time.perf_counter())
+desired = derive(config, observed); t.append(time.perf_counter())
+kernel.nft.read(); t.append(time.perf_counter())
+actual = kernel.actual({config.settings.rule_priority}); t.append(time.perf_counter())  # the nft read is cached
+plan = diff(desired, actual); t.append(time.perf_counter())
+kernel.close()
+assert plan.empty, plan.lines()[:5]
+names = ["imports", "config load", "kernel adapters", "observe", "derive", "nft table read",
+         "rules and routes read", "diff"]
+print(json.dumps({n: (b - a) * 1000 for n, a, b in zip(names, t, t[1:])}))
+"""
+
 COMMANDS: list[tuple[str, list[str]]] = [
     ("plan (no-op)", ["plan"]),
     ("status (no daemon)", ["status"]),
@@ -105,6 +135,22 @@ def row(what: str, values: list[float], heavy: list[str] | None = None, count: i
     return f"| {what} | {statistics.median(ms):.0f} ms | {p90:.0f} ms | {ms[0]:.0f} ms | {mods} |"
 
 
+def phases(cmd: list[str], env: dict[str, str], runs: int) -> list[str]:
+    """Table rows: the median of each step of a no-op plan over ``runs`` fresh processes."""
+    samples: dict[str, list[float]] = {}
+    for _ in range(runs):
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+        for name, ms in json.loads(proc.stdout).items():
+            samples.setdefault(name, []).append(ms)
+    rows = ["| step | median | min |", "| --- | --- | --- |"]
+    for name, values in samples.items():
+        rows.append(f"| {name} | {statistics.median(values):.1f} ms | {min(values):.1f} ms |")
+    total = [sum(v[i] for v in samples.values()) for i in range(runs)]
+    rows.append(f"| all steps (the interpreter's start and exit aside) | {statistics.median(total):.1f} ms "
+                f"| {min(total):.1f} ms |")
+    return rows
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -139,6 +185,7 @@ def main() -> int:
         count, heavy = loaded([*enter, PY, "-c", "pass"], env)
         lines.append(row("floor: `python3 -c pass`", floor, heavy, count))
         plan_medians = []
+        breakdown: list[str] = []
         for label, text in configs.items():
             cfg = os.path.join(tmp, "markrouted.toml")
             with open(cfg, "w") as f:
@@ -152,10 +199,14 @@ def main() -> int:
                 lines.append(row(what, values, heavy, count))
                 if argv == ["plan"]:
                     plan_medians.append((label, statistics.median(values)))
+            if label.startswith("16 uplinks"):
+                breakdown = phases([*enter, PY, "-c", PHASES, cfg], env, args.runs)
             subprocess.run([*mr, "flush", "-q"], env=env, cwd=ROOT, capture_output=True)
         verdicts = [f"no-op plan, {label}: {m * 1000:.0f} ms ({'met' if m <= TARGET_PLAN_S else 'MISSED'})"
                     for label, m in plan_medians]
         lines += ["", f"Target: a no-op `plan` in at most {TARGET_PLAN_S * 1000:.0f} ms. " + "; ".join(verdicts) + "."]
+        lines += ["", "Where a no-op `plan` with 16 uplinks and 1,000 policies spends its time, step by step "
+                  f"in one process ({args.runs} processes):", "", *breakdown]
         print("\n".join(lines))
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

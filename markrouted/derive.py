@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -266,8 +265,7 @@ def derive_sysctls(config: Config, views: Sequence[UplinkView], observed: Observ
 
 
 def _rule(label: str, parts: Sequence[nx.X], salt: object = None) -> NftRule:
-    expr = [p.json for p in parts]
-    expr_json = json.dumps(expr, sort_keys=True, separators=(",", ":"))
+    expr_json = nx.expression(parts)  # == json.dumps([p.json ...], sort_keys=True, separators=(",", ":"))
     text = " ".join(p.text for p in parts)
     digest = hashlib.sha256(f"{expr_json}|{salt}".encode()).hexdigest()[:10]
     # the comment is quoted nft text (with no escape for '"') and is shown in plan:
@@ -286,31 +284,46 @@ def _proto(number: int) -> nx.X:
     return nx.word(name) if name else nx.num(number)
 
 
-def _policy_matches(
-    policy: Policy, hook: str, cgroup_prefix: str, cgroup_ids: Mapping[str, int]
-) -> list[tuple[list[nx.X], object]] | None:
-    """The match expressions of one policy for one hook, one list per family split.
+HOOKS = ("prerouting", "output")
 
-    None when the policy cannot match in this hook (iif: forwarded only;
-    uid/gid/cgroup: local sockets only) or its cgroup does not exist now.
+# Expressions many policies share, built once (an X is immutable).
+_L4PROTO = {number: nx.match(nx.meta("l4proto"), _proto(number)) for number in PROTO_NAMES}
+_L4_WITH_PORTS = nx.match(nx.meta("l4proto"), nx.anon_set([_proto(n) for n in L4_WITH_PORTS]))
+_TH = {name: nx.payload("th", name) for name in ("sport", "dport")}
+_ADDRESS = {(family, name): nx.payload("ip" if family == AF_INET else "ip6", name)
+            for family in FAMILIES for name in ("saddr", "daddr")}
+_NFPROTO = {family: nx.match(nx.meta("nfproto"), nx.word(family_name(family))) for family in FAMILIES}
+
+
+def _policy_matches(
+    policy: Policy, cgroup_prefix: str, cgroup_ids: Mapping[str, int]
+) -> tuple[tuple[str, ...], list[tuple[list[nx.X], object]]]:
+    """The hooks one policy can match in, and its match expressions: one list per family split.
+
+    The expressions are the same in every hook, so they are built once. No
+    hook when the policy can match in neither (iif: forwarded only, in
+    prerouting; uid/gid/cgroup: local sockets only, in output) or its cgroup
+    does not exist now.
     """
     local_only = bool(policy.uid or policy.gid or policy.cgroup)
-    if hook == "output" and policy.iif:
-        return None
-    if hook == "prerouting" and local_only:
-        return None
+    if policy.iif:
+        hooks: tuple[str, ...] = () if local_only else ("prerouting",)
+    else:
+        hooks = ("output",) if local_only else HOOKS
+    if not hooks:
+        return (), []
     common: list[nx.X] = []
     salt: object = None
     if policy.iif:
         common.append(nx.match(nx.meta("iifname"), nx.string(policy.iif)))
     if policy.proto is not None:
-        common.append(nx.match(nx.meta("l4proto"), _proto(policy.proto)))
+        common.append(_L4PROTO.get(policy.proto) or nx.match(nx.meta("l4proto"), _proto(policy.proto)))
     elif policy.dport or policy.sport:
-        common.append(nx.match(nx.meta("l4proto"), nx.anon_set([_proto(n) for n in L4_WITH_PORTS])))
+        common.append(_L4_WITH_PORTS)
     if policy.sport:
-        common.append(nx.match(nx.payload("th", "sport"), _ports(policy.sport)))
+        common.append(nx.match(_TH["sport"], _ports(policy.sport)))
     if policy.dport:
-        common.append(nx.match(nx.payload("th", "dport"), _ports(policy.dport)))
+        common.append(nx.match(_TH["dport"], _ports(policy.dport)))
     if policy.uid:
         common.append(nx.match(nx.meta("skuid"), _ports(policy.uid)))
     if policy.gid:
@@ -318,7 +331,7 @@ def _policy_matches(
     if policy.cgroup:
         path = policy.cgroup.strip("/")
         if path not in cgroup_ids:
-            return None
+            return (), []
         level = len(path.split("/"))
         full = f"{cgroup_prefix}/{path}" if cgroup_prefix else path
         common.append(nx.match(nx.socket_cgroupv2(level), nx.string(full)))
@@ -329,27 +342,26 @@ def _policy_matches(
     families = policy.families
     split = bool(policy.daddr or policy.saddr) or len(families) == 1
     if not split:
-        return [(common, salt)]
+        return hooks, [(common, salt)]
     out = []
     for family in families:
-        proto = "ip" if family == AF_INET else "ip6"
+        version = 4 if family == AF_INET else 6
         parts = list(common)
         ok = True
         for field_name, nets in (("saddr", policy.saddr), ("daddr", policy.daddr)):
             if not nets:
                 continue
-            mine = [n for n in nets if (n.version == 4) == (family == AF_INET)]
+            mine = [nx.prefix(str(n.network_address), n.prefixlen) for n in nets if n.version == version]
             if not mine:
                 ok = False
                 break
-            parts.append(nx.match(nx.payload(proto, field_name),
-                                  nx.anon_set([nx.prefix(str(n.network_address), n.prefixlen) for n in mine])))
+            parts.append(nx.match(_ADDRESS[family, field_name], nx.anon_set(mine)))
         if not ok:
             continue
         if not (policy.daddr or policy.saddr):
-            parts.insert(0, nx.match(nx.meta("nfproto"), nx.word(family_name(family))))
+            parts.insert(0, _NFPROTO[family])
         out.append((parts, salt))
-    return out
+    return hooks, out
 
 
 def _target_key(policy: Policy) -> tuple[object, ...]:
@@ -455,6 +467,18 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
          nx.verdict("return")],
     )
 
+    # a policy's rules are the same objects in both hooks: rendered once
+    by_hook: dict[str, list[NftRule]] = {hook: [] for hook in HOOKS}
+    gotos = {name: nx.goto(name) for name in first}
+    for policy in config.policies:
+        in_hooks, splits = _policy_matches(policy, cgroup_prefix, cgroup_ids)
+        if not in_hooks:
+            continue
+        goto = gotos[targets[_target_key(policy)]]
+        rendered = [_rule(f"policy {policy.name}", [*parts, goto], salt) for parts, salt in splits]
+        for hook in in_hooks:
+            by_hook[hook] += rendered
+
     def hook_chain(hook: str) -> NftChain:
         rules = list(head)
         if config.uplinks and hook == "prerouting":
@@ -463,10 +487,7 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
                                    [nx.match(nx.meta("iifname"), nx.string(u.interface)), nx.goto(f"in_{u.name}")]))
         if config.policies:
             rules.append(local)
-        for policy in config.policies:
-            splits = _policy_matches(policy, hook, cgroup_prefix, cgroup_ids)
-            for parts, salt in splits or ():
-                rules.append(_rule(f"policy {policy.name}", [*parts, nx.goto(targets[_target_key(policy)])], salt))
+        rules += by_hook[hook]
         if hook == "prerouting":
             base = BaseHook("filter", "prerouting", -150)
         else:
