@@ -23,6 +23,8 @@ def dumps(value: Any) -> str:
 
 
 ODD = ['plain', 'with "quotes" and \\', "tab\there", "naïve ünïcode", "emoji \U0001F600", "\x00nul", ""]
+#: what nftexpr.string accepts (it refuses '"' and control characters: nft strings cannot escape them)
+QUOTABLE = [s for s in ODD if '"' not in s and s.isprintable()]
 
 LEAVES = [
     nx.meta("mark"), nx.meta("l4proto"), nx.ct("state"), nx.payload("ip6", "daddr"), nx.payload("th", "sport"),
@@ -32,7 +34,7 @@ LEAVES = [
     nx.value_range(22, 22), nx.value_range(1024, 2047),
     nx.prefix("198.51.100.0", 24), nx.prefix("2001:db8::", 32),
     nx.goto("pick_0"), nx.verdict("drop"), nx.verdict("return"), nx.masquerade(),
-    *[nx.string(s) for s in ODD], *[nx.word(s) for s in ODD], *[nx.goto(s) for s in ODD],
+    *[nx.string(s) for s in QUOTABLE], *[nx.word(s) for s in ODD], *[nx.goto(s) for s in ODD],
 ]
 
 
@@ -47,7 +49,7 @@ def composites(leaves: list[nx.X]) -> list[nx.X]:
         nx.vmap(nx.band(nx.ct("mark"), 0xFF0000), [(nx.num(0x10000, hexa=True), nx.goto("restore_a")),
                                                    (nx.num(0x20000, hexa=True), nx.goto("restore_b"))]),
         nx.vmap(nx.meta("l4proto"), []),
-        nx.match(nx.meta("iifname"), nx.string('eth"0')),
+        nx.match(nx.meta("iifname"), nx.string("eth\\0 naïve")),
     ]
 
 
@@ -69,3 +71,9 @@ def test_nested_composites() -> None:
 @pytest.mark.parametrize("parts", [[], ALL[:1], ALL, composites(ALL)])
 def test_expression_is_json_dumps_of_the_list(parts: list[nx.X]) -> None:
     assert nx.expression(parts) == dumps([p.json for p in parts])
+
+
+@pytest.mark.parametrize("value", [s for s in ODD if s not in QUOTABLE])
+def test_string_refuses_what_nft_cannot_quote(value: str) -> None:
+    with pytest.raises(ValueError):
+        nx.string(value)
