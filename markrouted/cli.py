@@ -337,6 +337,12 @@ def _kernel_error(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func is not cmd_run:
+        # a one-shot command allocates much and frees little before it exits: the
+        # cycle collector would only walk the config and the derived state again
+        import gc
+
+        gc.disable()
     try:
         with contextlib.ExitStack() as stack:
             args.exit_stack = stack

@@ -696,7 +696,8 @@ def _network(value: object, path: str, errors: _Errors) -> IPNetwork | None:
     if text is None:
         return None
     try:
-        network = ipaddress.ip_network(text)
+        # the class at once: ip_network tries IPv4 first, and an IPv6 network pays for the failure
+        network: IPNetwork = (ipaddress.IPv6Network if ":" in text else ipaddress.IPv4Network)(text)
     except ValueError:
         try:
             ipaddress.ip_network(text, strict=False)
