@@ -74,6 +74,11 @@ class Netlink:
     and with strict checking the kernel itself sends only the routes of one
     protocol or one table. ``ipr`` (pyroute2) serves explain's route lookups
     only.
+
+    Longer than the daemon's other classes on purpose (size: one thin method per
+    rtnetlink operation markrouted uses): what a rule or a route is, how it is
+    encoded and whose it is live in ``rules.py`` and ``routes.py``; this class
+    only sends and receives.
     """
 
     def __init__(self) -> None:
