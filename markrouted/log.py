@@ -66,12 +66,12 @@ PRIORITY_OF: dict[str, int] = {
 
 #: the journal catalog's entries (packaging/catalog/markrouted.catalog), by event name
 MESSAGE_IDS: dict[str, str] = {
-    "uplink down": "5b3e0d1c2a8f4e6b9c7d1a2e3f4b5c6d",
-    "uplink up": "8c1f4a7e2b5d4c3a9e6f0b1d2c3e4f5a",
-    "policy moved": "2d7a9e4c1b3f4a5e8d6c0f1e2a3b4c5d",
-    "config reload refused": "9e4b2c7a1d5f4e3b8a6c0d1f2e3a4b5c",
-    "drift repaired": "4f6c8a2e1d3b4c5a9e7f0a1b2c3d4e5f",
-    "uplink held down": "7a2d5f8c1e4b4a3d9c6e0f1a2b3c4d5e",
+    "uplink down": "bf3be53eb56f4bcfb6cea681d8c2d527",
+    "uplink up": "051333e7e1464145921cbcab86702023",
+    "policy moved": "05973fd206be41b7a3acf49503e4afc8",
+    "config reload refused": "827ff6f867414ab2910c6217f31550f5",
+    "drift repaired": "e43a2eb4f24349e2bd6680b8579a1516",
+    "uplink held down": "07cc43c55a7d4de5a08b45fd2c3a996f",
 }
 
 
@@ -81,7 +81,10 @@ def _said(kv: Mapping[str, Any], key: str) -> str:
 
 
 def _kernel_write(event: str, kv: Mapping[str, Any]) -> str:
-    text = f"{event}: {_said(kv, 'object')}"
+    obj = _said(kv, "object")
+    if event == "sysctl changed" and obj.startswith("sysctl "):
+        obj = obj[len("sysctl "):]
+    text = f"{event}: {obj}"
     if _said(kv, "was"):
         text += f" (was {_said(kv, 'was')})"
     return text + (f" ({_said(kv, 'reason')})" if _said(kv, "reason") else "")
@@ -94,6 +97,17 @@ def _uplink(state: str) -> Callable[[str, Mapping[str, Any]], str]:
         reason = _said(kv, "reason")
         return f"uplink {name}{dev} {state}" + (f": {reason}" if reason and reason != "ok" else "")
     return say
+
+
+def _held(event: str, kv: Mapping[str, Any]) -> str:
+    text = f"uplink {_said(kv, 'uplink')} held down"
+    if _said(kv, "until"):
+        text += f" until {_said(kv, 'until')}"
+    if _said(kv, "flaps"):
+        text += f": {_said(kv, 'flaps')} flaps" + (f" within {_said(kv, 'within')}" if _said(kv, "within") else "")
+    elif _said(kv, "reason"):
+        text += f": {_said(kv, 'reason')}"
+    return text
 
 
 def _health(event: str, kv: Mapping[str, Any]) -> str:
@@ -115,7 +129,7 @@ FORMATS: dict[str, Callable[[str, Mapping[str, Any]], str]] = {
                                   "nft chains refilled")},
     "uplink down": _uplink("down"),
     "uplink up": _uplink("up"),
-    "uplink held down": _uplink("held down"),
+    "uplink held down": _held,
     "health check down": _health,
     "health check up": _health,
     "conntrack cleared": _conntrack,
