@@ -253,7 +253,8 @@ class Reporter:
             fields["READY"] = "1"
             self.log.info("started", status=fields["STATUS"], writes=result.writes,
                           message=self._summary("started", config, outcome))
-        if self.reload_why is not None and {"config reloaded", "retry after error"} & set(self.pass_trigger.split(", ")):
+        reasons = set(self.pass_trigger.split(", "))
+        if self.reload_why is not None and reasons & {"config reloaded", "retry after error"}:
             self.log.info("config reloaded", trigger=self.reload_why, uplinks=len(config.uplinks),
                           policies=len(config.policies), writes=result.writes, seconds=f"{seconds:.4f}",
                           message=self._summary(f"config reloaded ({self.reload_why})", config, outcome))

@@ -345,7 +345,8 @@ def test_the_catalog_explains_every_message_id() -> None:
 
 def test_the_package_installs_the_catalog_and_updates_the_index() -> None:
     debian = ROOT / "packaging" / "debian"
-    assert "packaging/catalog/markrouted.catalog usr/lib/systemd/catalog/" in (debian / "markrouted.install").read_text()
+    installed = (debian / "markrouted.install").read_text()
+    assert "packaging/catalog/markrouted.catalog usr/lib/systemd/catalog/" in installed
     for script in ("markrouted.postinst", "markrouted.postrm"):
         text = (debian / script).read_text()
         assert "journalctl --update-catalog" in text and "#DEBHELPER#" in text
