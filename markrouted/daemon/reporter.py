@@ -110,8 +110,11 @@ def _cause(old_names: set[str], new_names: set[str], previous: Mapping[str, Upli
         elif was is not None and was.state != is_.state:
             said.append(f"{name} {is_.state}" + (f": {is_.reason}" if is_.state == "down" and is_.reason else ""))
         elif was is not None and was.families != is_.families:
-            said.append(f"{name} now carries {' and '.join(FAMILY_NAMES.get(f, str(f)) for f in is_.families)}"
-                        if is_.families else f"{name}: {is_.reason}")
+            carries = " and ".join(FAMILY_NAMES.get(f, str(f)) for f in is_.families)
+            if set(is_.families) > set(was.families):
+                said.append(f"{name} now carries {carries}")
+            else:  # the reason says what it lacks
+                said.append(f"{name}: {is_.reason}" if is_.reason else f"{name} carries {carries} only")
     return "; ".join(said) or trigger
 
 
@@ -173,7 +176,9 @@ def log_transitions(log: Any, previous: DesiredState | None, now: DesiredState, 
         if old_p is None:
             continue
         was, is_ = _by_family(old_p), _by_family(p)
-        cause = _cause(set(old_p.active), set(p.active), before, after, trigger)
+        moved = [f for f in {**was, **is_} if was.get(f, ()) != is_.get(f, ())]
+        cause = _cause({n for f in moved for n in was.get(f, ())}, {n for f in moved for n in is_.get(f, ())},
+                       before, after, trigger)
         line = moved_line(p.name, was, is_, p.fallback, cause)
         if line is not None:
             log.info("policy moved", policy=p.name, was=",".join(old_p.active) or p.fallback,

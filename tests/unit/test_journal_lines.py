@@ -10,6 +10,7 @@ and the catalog the package installs is checked against the ids.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -106,6 +107,27 @@ def test_moved_line_none_when_nothing_moved_and_drop_named() -> None:
     assert moved_line("ssh", {V4: ("wan1",)}, {V4: ("wan1",)}, "main", "x") is None
     assert moved_line("ssh", {V4: ("wan1",)}, {V4: ()}, "drop", "") == "policy ssh moved from wan1 to drop " \
                                                                        "(no uplink usable)"
+
+
+def test_families_moving_apart_are_named(tmp_path: Path) -> None:
+    """wan2's IPv6 default route goes and comes back: only ssh's IPv6 flows move, and the line says so."""
+    async def body(h: Harness) -> None:
+        full = h.kernel.observed
+        h.kernel.observed = dataclasses.replace(full, defaults=tuple(
+            d for d in full.defaults if not (d.family == V6 and d.gateway == "2001:db8:2::1")))
+        await h.pass_for("route deleted")
+        desired = h.daemon.reporter.desired
+        assert desired is not None
+        (reason,) = [u.reason for u in desired.uplinks if u.name == "wan2"]
+        assert reason == "ipv4 only: no ipv6 default route on eth1 in the main table"
+        assert said(h, "policy moved") == [f"policy ssh moved from wan2 to wan1 for ipv6 (wan2: {reason})"]
+        assert not said(h, "uplink down")  # wan2 still carries IPv4
+        h.kernel.observed = full
+        await h.pass_for("route added")
+        assert said(h, "policy moved")[1:] == [
+            "policy ssh moved from wan1 to wan2 for ipv6 (wan2 now carries ipv4 and ipv6)"]
+
+    drive(tmp_path, body, config_text(policies=WEB + SSH))
 
 
 def test_derive_keeps_each_policys_choice_per_family() -> None:
