@@ -122,6 +122,12 @@ def _conntrack(event: str, kv: Mapping[str, Any]) -> str:
             f"{_said(kv, 'reason') or 'uplink down'}, so its flows take another uplink")
 
 
+def _stopped(event: str, kv: Mapping[str, Any]) -> str:
+    if _said(kv, "on_stop") == "keep":
+        return "stopped; the routing stays installed (on_stop = keep)"
+    return f"stopped; {_said(kv, 'removed') or 'its'} kernel objects removed (on_stop = flush)"
+
+
 #: MESSAGE texts of events whose callers do not compose one
 FORMATS: dict[str, Callable[[str, Mapping[str, Any]], str]] = {
     **{e: _kernel_write for e in ("sysctl changed", "route added", "route changed", "route removed",
@@ -135,6 +141,10 @@ FORMATS: dict[str, Callable[[str, Mapping[str, Any]], str]] = {
     "conntrack cleared": _conntrack,
     "config reload refused": lambda e, kv: f"config reload refused (the running config stays): {_said(kv, 'error')}",
     "kernel write failed": lambda e, kv: f"kernel write failed (retried with the next pass): {_said(kv, 'error')}",
+    "invalid config": lambda e, kv: f"invalid config {_said(kv, 'object')}: {_said(kv, 'error')}",
+    "config warning": lambda e, kv: f"config warning: {_said(kv, 'error')}",
+    "cannot start": lambda e, kv: f"cannot start: {_said(kv, 'error')}",
+    "stopped": _stopped,
     "reconcile failed, retrying": lambda e, kv: (f"reconcile failed, retrying in {_said(kv, 'retry_in')}: "
                                                  f"{_said(kv, 'error')}"),
 }

@@ -320,6 +320,26 @@ def test_message_ids_by_event_name_and_the_message_is_not_a_field() -> None:
     assert "MESSAGE_ID" not in fields
 
 
+@pytest.mark.parametrize("event, fields, text", [
+    ("invalid config", {"object": "/etc/markrouted.toml", "error": "uplinks.wan2.mark: 300 ..."},
+     "invalid config /etc/markrouted.toml: uplinks.wan2.mark: 300 ..."),
+    ("stopped", {"on_stop": "keep"}, "stopped; the routing stays installed (on_stop = keep)"),
+    ("stopped", {"on_stop": "flush", "removed": 23}, "stopped; 23 kernel objects removed (on_stop = flush)"),
+    ("rule added", {"object": "ip rule 10100: from all fwmark 0x10000/0xff0000 lookup 101 proto markrouted",
+                    "reason": "missing"},
+     "rule added: ip rule 10100: from all fwmark 0x10000/0xff0000 lookup 101 proto markrouted (missing)"),
+    ("sysctl changed", {"object": "sysctl net.ipv4.conf.all.src_valid_mark=1", "reason": "fwmark"},
+     "sysctl changed: net.ipv4.conf.all.src_valid_mark=1 (fwmark)"),
+    ("health check down", {"uplink": "wan1", "reason": "3 of 3 probes lost"},
+     "health check of uplink wan1: down (3 of 3 probes lost)"),
+    ("uplink up", {"uplink": "wan2", "interface": "eth1", "reason": "ipv4 only: no ipv6 default route"},
+     "uplink wan2 (eth1) up: ipv4 only: no ipv6 default route"),
+    ("something else", {"uplink": "wan1", "error": "x"}, "something else: uplink=wan1 error=x"),
+])
+def test_messages_made_from_fields(event: str, fields: dict[str, Any], text: str) -> None:
+    assert message(event, fields) == text
+
+
 def test_the_message_text_is_escaped_too() -> None:
     text, _fields = render("policy moved", "info", message="policy a\nb moved\x1b[2J")
     assert text == "policy a\\nb moved\\x1b[2J"
