@@ -8,9 +8,9 @@ pass. Each line is a sentence that stands alone in ``journalctl -u
 markrouted`` (which shows nothing but the MESSAGE): where a policy moved from
 and to and why, what drifted and what was done about it, who changed the nft
 table. The sentences are made by the small pure functions below, so the tests
-pin their text. Clearing the conntrack entries of an uplink that just went down is a
-consequence of the same transition, so it is decided here; the clear itself
-runs in the kernel thread (docs/design.md).
+pin their text. Clearing the conntrack entries of an uplink that just went
+down is a consequence of the same transition, so it is decided here; the
+clear itself runs in the kernel thread (docs/design.md).
 """
 
 from __future__ import annotations
@@ -62,6 +62,8 @@ def went_down(previous: DesiredState | None, now: DesiredState) -> list[UplinkSt
 
 
 FAMILY_NAMES: dict[int, str] = {AF_INET: "ipv4", AF_INET6: "ipv6"}
+#: a drift line names at most this many objects
+DRIFT_SHOWN = 3
 #: how the nf_tables source names who changed the table (kernel/events.py)
 _CHANGED_BY = re.compile(rf"table {NFT_FAMILY} {NFT_TABLE} changed by (pid \d+(?: \([^)]*\))?)")
 
@@ -186,6 +188,8 @@ def log_transitions(log: Any, previous: DesiredState | None, now: DesiredState, 
     if (previous is not None and writes
             and (previous.rules, previous.routes, previous.nft) == (now.rules, now.routes, now.nft)):
         repairs = drift_repairs(plan, trigger) if plan is not None else []
+        if len(repairs) > DRIFT_SHOWN:  # `ip rule flush`: the first few, and how many
+            repairs = [*repairs[:DRIFT_SHOWN], f"and {len(repairs) - DRIFT_SHOWN} more ({writes} kernel writes)"]
         text = "drift repaired: " + ("; ".join(repairs) if repairs else f"{writes} kernel writes")
         log.warning("drift repaired", writes=writes, trigger=trigger, message=text)
 

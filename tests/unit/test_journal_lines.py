@@ -159,6 +159,18 @@ def test_drift_names_the_object_and_what_was_done(tmp_path: Path) -> None:
     drive(tmp_path, body)
 
 
+def test_a_large_drift_is_one_line_naming_a_few(tmp_path: Path) -> None:
+    async def body(h: Harness) -> None:
+        h.kernel.rules.clear()  # `ip rule flush`
+        await h.pass_for("rules deleted")
+        (line,) = said(h, "drift repaired")
+        assert line.startswith("drift repaired: ip rule 10000: from all lookup main suppress_prefixlength 0 "
+                               "proto markrouted was deleted by someone else; put back; ")
+        assert line.endswith("; and 7 more (10 kernel writes)") and line.count("put back") == 3
+
+    drive(tmp_path, body)
+
+
 def test_drift_repairs_of_every_kind() -> None:
     rule = Rule(V4, 10100, 101, 0x10000, 0xFF0000)
     plan = Plan(rules_remove=(rule,), nft=NftUpdate(chains=("pick_0",)))
