@@ -586,17 +586,19 @@ def derive(
         for v in views
     )
     policies = []
-    chosen: dict[tuple[object, ...], tuple[str, ...]] = {}  # policies share a few targets
+    # policies share a few targets
+    chosen: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[tuple[int, tuple[str, ...]], ...]]] = {}
     for p in config.policies:
         key = (_target_key(p), p.families)
         if key not in chosen:
             active: list[str] = []
+            by_family = []
             for family in p.families:
-                for name, _ in _choose(p, usable, family):
-                    if name not in active:
-                        active.append(name)
-            chosen[key] = tuple(active)
-        policies.append(PolicyStatus(p.name, chosen[key], p.fallback, p.families))
+                picked = tuple(name for name, _ in _choose(p, usable, family))
+                by_family.append((family, picked))
+                active.extend(name for name in picked if name not in active)
+            chosen[key] = (tuple(active), tuple(by_family))
+        policies.append(PolicyStatus(p.name, chosen[key][0], p.fallback, p.families, chosen[key][1]))
     return DesiredState(
         rules=derive_rules(config, views),
         routes=derive_routes(views),

@@ -439,6 +439,8 @@ class PolicyStatus:
     active: tuple[str, ...]  # uplinks carrying new flows now; empty: fallback applies
     fallback: Literal["main", "drop"]  # the policy's (config.Fallback)
     families: tuple[int, ...]
+    #: the uplinks carrying new flows, per family: ((AF_INET, ("wan1",)), ...)
+    by_family: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)

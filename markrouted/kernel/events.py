@@ -46,6 +46,7 @@ RTM_NEWLINK, RTM_DELLINK = 16, 17
 RTM_NEWADDR, RTM_DELADDR = 20, 21
 NLMSG_OVERRUN = nl.NLMSG_OVERRUN
 NFT_MSG_NEWGEN = 15
+NFTA_GEN_PROC_NAME = 3
 NFTA_TABLE_NAME = 1  # every nf_tables object message names its table in attribute 1
 
 _NLMSGHDR = nl.HDR
@@ -139,7 +140,10 @@ class NftWatch:
                     self.last_gen = nl.be32(gen)
                 pid = nl.be32(attrs.get(NFTA_GEN_PROC_PID), -1)
                 if self.touched and pid != self.own_pid and pid not in self.also_own:
-                    out.append(Event("nft", f"table inet {NFT_TABLE} changed by pid {pid}"))
+                    # the process's name (comm) comes with its pid: it may be gone when the pass runs
+                    comm = attrs.get(NFTA_GEN_PROC_NAME, b"").split(b"\0", 1)[0].decode(errors="replace")
+                    who = f"pid {pid} ({comm})" if comm else f"pid {pid}"
+                    out.append(Event("nft", f"table inet {NFT_TABLE} changed by {who}"))
                 self.touched = False
                 continue
             if concerns(family, attrs.get(NFTA_TABLE_NAME, b"")):

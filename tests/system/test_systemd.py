@@ -305,7 +305,7 @@ def test_2_journal_carries_structured_fields(container: Container, net: Net) -> 
     assert ours, "no entry carries MARKROUTED_EVENT"
     for e in ours:
         assert e["SYSLOG_IDENTIFIER"] == "markrouted"
-        assert e["MESSAGE"].startswith(e["MARKROUTED_EVENT"])
+        assert e["MESSAGE"]  # a sentence of its own (tests/system/test_journal.py reads them)
         assert e["_SYSTEMD_UNIT"] == "markrouted.service"
     added = [e for e in ours if e["MARKROUTED_EVENT"] == "rule added"]
     assert any("fwmark 0x20000/0xff0000 lookup 102" in e.get("MARKROUTED_OBJECT", "") for e in added)
@@ -330,7 +330,8 @@ def test_3_reload_valid_applies_invalid_refused(container: Container, net: Net) 
     since = time.time()
     ct.write("/etc/markrouted.toml", INVALID)
     ct.sh("systemctl", "reload", "markrouted")
-    refused = wait_event(ct, since, MARKROUTED_EVENT="config reload refused", MARKROUTED_TRIGGER="SIGHUP")
+    # the SIGHUP or the file's change, whichever came first: one refusal of one file content
+    refused = wait_event(ct, since, MARKROUTED_EVENT="config reload refused")
     assert "uplinks.wan2.mark" in refused["MARKROUTED_ERROR"]
     assert int(refused["PRIORITY"]) <= 3
     assert ct.show("markrouted", "ActiveState") == "active"

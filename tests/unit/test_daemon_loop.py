@@ -405,7 +405,7 @@ def test_in_sync_status_line_and_file(tmp_path: Path) -> None:
     async def body(h: Harness) -> None:
         line = "2/2 uplinks up, 1 policies, in sync"
         assert h.notes.sent[-1] == {"STATUS": line, "READY": "1"}
-        assert h.log.named("started") == [{"status": line}]
+        assert [kw["status"] for kw in h.log.named("started")] == [line]
         doc = h.status()
         assert doc["in_sync"] is True and doc["status"] == line and doc["passes"] == 1
         assert doc["config"] == str(h.path) and doc["config_error"] is None
