@@ -194,6 +194,23 @@ def log_transitions(log: Any, previous: DesiredState | None, now: DesiredState, 
         log.warning("drift repaired", writes=writes, trigger=trigger, message=text)
 
 
+def _summary(head: str, config: Config, outcome: PassOutcome) -> str:
+    assert outcome.result is not None
+    if not config.uplinks:
+        return f"{head}: no uplinks configured, nothing installed"
+    return summary_line(head, outcome.result.desired, len(config.policies), outcome.result.writes,
+                        outcome.seconds)
+
+
+def file_digest(path: str) -> str:
+    """A file's content, hashed (empty when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read(1 << 22)).hexdigest()
+    except OSError:
+        return ""
+
+
 class Reporter:
     """Holds the daemon's published view and says it to the file, systemd and the journal."""
 
@@ -261,24 +278,17 @@ class Reporter:
             self.ready = True
             fields["READY"] = "1"
             self.log.info("started", status=fields["STATUS"], writes=result.writes,
-                          message=self._summary("started", config, outcome))
+                          message=_summary("started", config, outcome))
         reasons = set(self.pass_trigger.split(", "))
         if self.reload_why is not None and reasons & {"config reloaded", "retry after error"}:
             self.log.info("config reloaded", trigger=self.reload_why, uplinks=len(config.uplinks),
                           policies=len(config.policies), writes=result.writes, seconds=f"{seconds:.4f}",
-                          message=self._summary(f"config reloaded ({self.reload_why})", config, outcome))
+                          message=_summary(f"config reloaded ({self.reload_why})", config, outcome))
             self.reload_why = None
         if self.reload_pending:
             fields["READY"] = "1"
         self.reload_pending = False
         self.notify(**fields)
-
-    def _summary(self, head: str, config: Config, outcome: PassOutcome) -> str:
-        assert outcome.result is not None
-        if not config.uplinks:
-            return f"{head}: no uplinks configured, nothing installed"
-        return summary_line(head, outcome.result.desired, len(config.policies), outcome.result.writes,
-                            outcome.seconds)
 
     def _pending(self, name: str) -> bool:
         checked = self.monitor.checked.get(name)
@@ -297,7 +307,7 @@ class Reporter:
         event of one edit both reload, and the second refusal is not news.
         """
         self.config_error = str(exc)
-        key = (self._digest(), *exc.errors)
+        key = (file_digest(self.config_path), *exc.errors)
         error = "; ".join(exc.errors)
         if key != self.refused_key:
             self.refused_key = key
@@ -306,14 +316,6 @@ class Reporter:
             self.log.debug("config reload refused again", error=error, trigger=why)
         self.publish(config)
         self.notify(READY="1", STATUS=self.line(config))
-
-    def _digest(self) -> str:
-        """The config file's content, hashed (empty when it cannot be read)."""
-        try:
-            with open(self.config_path, "rb") as f:
-                return hashlib.sha256(f.read(1 << 22)).hexdigest()
-        except OSError:
-            return ""
 
     def unchanged(self, config: Config, why: str) -> None:
         self.config_error = None
