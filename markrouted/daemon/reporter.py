@@ -211,6 +211,18 @@ def file_digest(path: str) -> str:
         return ""
 
 
+async def clear_dead(log: Any, clear: Callable[[int, int], Awaitable[None]], previous: DesiredState | None,
+                     now: DesiredState, mask: int) -> None:
+    """Flows pinned to an uplink that just became unusable must re-route: clear its ct mark."""
+    for u in went_down(previous, now):
+        try:
+            await clear(u.mark, mask)
+            log.info("conntrack cleared", uplink=u.name, object=f"ct mark {u.mark:#x}/{mask:#x}",
+                     reason="uplink down")
+        except KernelError as exc:
+            log.error("conntrack clear failed", uplink=u.name, error=str(exc))
+
+
 class Reporter:
     """Holds the daemon's published view and says it to the file, systemd and the journal."""
 
@@ -256,15 +268,7 @@ class Reporter:
         self.last_pass = self.clock.time()
         self.pass_trigger = trigger
         log_transitions(self.log, previous, result.desired, result.writes, trigger, self._pending, result.plan)
-        mask = config.settings.mark_mask
-        for u in went_down(previous, result.desired):
-            # flows pinned to an uplink that just became unusable must re-route
-            try:
-                await self.clear(u.mark, mask)
-                self.log.info("conntrack cleared", uplink=u.name, object=f"ct mark {u.mark:#x}/{mask:#x}",
-                              reason="uplink down")
-            except KernelError as exc:
-                self.log.error("conntrack clear failed", uplink=u.name, error=str(exc))
+        await clear_dead(self.log, self.clear, previous, result.desired, config.settings.mark_mask)
 
     def announce(self, config: Config, outcome: PassOutcome) -> None:
         """After a converged pass: status file, STATUS=, and READY=1 on start or after a reload."""
