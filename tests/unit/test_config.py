@@ -395,7 +395,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         CHECK + 'method = "udp"\n',
-        ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "udp"'],
+        ['uplinks.wan1.check.method: expected "icmp", "tcp:PORT", "http://HOST/PATH", "https://HOST/PATH" or "dns:NAME", got "udp"'],
         id="check-method-unknown",
     ),
     pytest.param(
