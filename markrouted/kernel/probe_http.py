@@ -11,6 +11,7 @@ uplinks, the per-probe machinery is most of the cost.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
 import time
@@ -91,10 +92,13 @@ async def http_probe(ifname: str, mark: int, source: str, target: str, port: int
         async def exchange() -> bytes:
             nonlocal transport
             await loop.sock_connect(sock, (target, port))
-            server_hostname = host.strip("[]") if tls is not None else None
-            transport, _ = await loop.create_connection(
-                lambda: _StatusLine(request(host, port, path, tls is not None), done),
-                sock=sock, ssl=tls, server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+            protocol = _StatusLine(request(host, port, path, tls is not None), done)
+            if tls is None:
+                transport, _ = await loop.create_connection(lambda: protocol, sock=sock)
+            else:
+                transport, _ = await loop.create_connection(lambda: protocol, sock=sock, ssl=tls,
+                                                            server_hostname=host.strip("[]"),
+                                                            ssl_handshake_timeout=timeout)
             return await done
 
         try:
@@ -106,7 +110,8 @@ async def http_probe(ifname: str, mark: int, source: str, target: str, port: int
         except ssl.SSLError as exc:
             return TargetResult(target, False, error=f"TLS: {exc.reason or exc}")
         except OSError as exc:
-            return TargetResult(target, False, error=exc.strerror or str(exc))
+            # asyncio's connect error says "Connect call failed (address)": the errno says more
+            return TargetResult(target, False, error=os.strerror(exc.errno) if exc.errno else str(exc))
         rtt = time.perf_counter() - start
         problem = status_problem(line)
         if problem is not None:
