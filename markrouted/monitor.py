@@ -210,8 +210,8 @@ class Monitor:
             raise
         except PermissionDenied as exc:
             self.log.error("health check cannot run", uplink=c.uplink.name, error=str(exc))
-        except OSError as exc:
-            self.log.error("health check failed", uplink=c.uplink.name, error=str(exc))
+        except Exception as exc:  # a socket error, or a bug: said, not a silent "waiting" forever
+            self.log.error("health check failed", uplink=c.uplink.name, error=str(exc) or repr(exc))
             c.close_probers()
             c.task = None
 
