@@ -1188,17 +1188,17 @@ def _check_quality(table: Mapping[str, Any], quality: Mapping[str, Any], targets
                        f"an uplink would come back while still too bad to stay up")
     min_targets = quality.get("min_targets")
     if min_targets is not None:
-        if "success" in table:
-            errors.add(f"{prefix}.min_targets", 'give either min_targets or success, not both '
+        if table.get("success") == "all":
+            errors.add(f"{prefix}.min_targets", 'give either min_targets or success = "all", not both '
                        '(success = "all" means min_targets = the number of targets)')
         elif targets and min_targets > targets:
             errors.add(f"{prefix}.min_targets", f"{min_targets} is more than the {targets} targets listed")
     if method != "https":
         for key in ("tls_verify", "tls_ca"):
             if key in table:
-                errors.add(f"{prefix}.{key}", 'only for an "https://" method')
+                errors.warn(f"{prefix}.{key}", 'has no effect: only an "https://" method uses it')
     elif quality.get("tls_verify") is False and "tls_ca" in table:
-        errors.add(f"{prefix}.tls_ca", "has no use with tls_verify = false")
+        errors.warn(f"{prefix}.tls_ca", "has no effect with tls_verify = false")
 
 
 def _percent(value: object, path: str, errors: _Errors) -> float | None:

@@ -305,6 +305,14 @@ def test_methods(method: str, want: tuple[object, ...]) -> None:
     assert (c.method, c.port, c.url_host, c.url_path) == want
 
 
+def test_tls_keys_elsewhere_are_warned_about() -> None:
+    config = parse(BASE + TARGETS + 'tls_verify = false\n')
+    assert config.warnings == (f'{P}.tls_verify: has no effect: only an "https://" method uses it',)
+    config = parse(BASE + TARGETS + 'method = "https://a.example/"\ntls_verify = false\ntls_ca = "/ca.pem"\n')
+    assert config.warnings == (f"{P}.tls_ca: has no effect with tls_verify = false",)
+    assert parsed('min_targets = 2\nsuccess = "any"\n').needed == 2  # "any" is the default: no conflict
+
+
 def test_tls_keys() -> None:
     c = parsed('method = "https://a.example/"\ntls_verify = false\n')
     assert c.tls_verify is False
@@ -333,7 +341,7 @@ P = "uplinks.wan1.check"
     pytest.param("min_targets = 3\n", [f"{P}.min_targets: 3 is more than the 2 targets listed"],
                  id="min-targets-above"),
     pytest.param('min_targets = 1\nsuccess = "all"\n',
-                 [f'{P}.min_targets: give either min_targets or success, not both (success = "all" means '
+                 [f'{P}.min_targets: give either min_targets or success = "all", not both (success = "all" means '
                   "min_targets = the number of targets)"], id="min-targets-and-success"),
     pytest.param('method = "http://user:pw@probe.example/"\n',
                  [f'{P}.method: "http://user:pw@probe.example/": a URL with a user or password is not supported'],
@@ -354,7 +362,6 @@ P = "uplinks.wan1.check"
     pytest.param('method = "dns:a..b"\n',
                  [f'{P}.method: "dns:" needs a valid DNS name, got "a..b" (as in "dns:example.com")'],
                  id="dns-bad-name"),
-    pytest.param("tls_verify = false\n", [f'{P}.tls_verify: only for an "https://" method'], id="tls-not-https"),
     pytest.param('method = "https://a.example/"\ntls_ca = "ca.pem"\n',
                  [f'{P}.tls_ca: expected an absolute path to a PEM file of CA certificates, got "ca.pem"'],
                  id="tls-ca-relative"),
