@@ -250,3 +250,26 @@ def test_four_flaps_hold_it_down_until_the_hold_ends(lab: Lab, daemon: Callable[
     doc, _ = d.wait_state("wan1", "up", deadline=WAIT)
     assert doc["health"]["wan1"]["since"] >= until
     assert doc["policies"]["web"]["active"] == ["wan1"]
+
+
+def test_http_and_dns_probes_leave_by_their_uplink(lab: Lab, daemon: Callable[[str], Running],
+                                                   responder: Responder) -> None:
+    """The responder is reachable through isp1 only; the host's main table reaches it (via isp1).
+
+    wan2's HTTP and DNS probes of it must fail (bound to eth1, from its
+    address, with its mark), while wan1's succeed: a probe that followed the
+    main table would make wan2 look healthy.
+    """
+    lab.sh("host", "ping", "-c", "1", "-W", "5", TARGET4)  # unbound, by the main table: answered
+    d = daemon(lab_config(WEB, wan1=check([TARGET4], method=f"http://{NAME}/"),
+                          wan2=check([TARGET4], method=f"dns:{NAME}", uplink="wan2")))
+    doc = d.wait_verdict("wan1")
+    doc = d.wait_verdict("wan2")
+    assert doc["uplinks"]["wan1"]["state"] == "up"
+    assert doc["uplinks"]["wan2"]["state"] == "down"
+    assert doc["health"]["wan2"]["targets"][TARGET4]["ok"] is False
+    assert doc["policies"]["web"]["active"] == ["wan1"]
+    assert d.stop() == 0
+    d = daemon(lab_config(WEB, wan2=check([TARGET4], method=f"http://{NAME}/", uplink="wan2")))
+    doc = d.wait_verdict("wan2")
+    assert doc["uplinks"]["wan2"]["state"] == "down" and not doc["health"]["wan2"]["targets"][TARGET4]["ok"]
