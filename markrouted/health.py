@@ -69,23 +69,47 @@ def clock_text(timestamp: float, hold: float) -> str:
 
 @dataclass
 class TargetWindow:
-    """One target's last ``window`` probes: the RTT in seconds, or None when lost."""
+    """One target's last ``window`` probes: the RTT in seconds, or None when lost.
+
+    The counts the verdicts need each round (lost probes, the RTTs' sum) are
+    kept as probes come and go, so a round costs the same with a window of
+    1000 as with one of 10.
+    """
 
     window: int
     samples: deque[float | None] = field(default_factory=deque)
+    lost: int = 0
+    rtt_sum: float = 0.0
+    adds: int = 0
 
     def add(self, rtt: float | None) -> None:
         self.samples.append(rtt)
+        self._count(rtt, 1)
         if len(self.samples) > self.window:
-            self.samples.popleft()
+            self._count(self.samples.popleft(), -1)
+        self.adds += 1
+        if self.adds % self.window == 0:  # once a window: no rounding error piles up in the running sum
+            self.rtt_sum = sum(s for s in self.samples if s is not None)
 
-    @property
-    def lost(self) -> int:
-        return sum(1 for s in self.samples if s is None)
+    def _count(self, rtt: float | None, sign: int) -> None:
+        if rtt is None:
+            self.lost += sign
+        else:
+            self.rtt_sum += sign * rtt
 
     @property
     def loss(self) -> float:
         return self.lost / len(self.samples) if self.samples else 0.0
+
+    @property
+    def answered(self) -> int:
+        return len(self.samples) - self.lost
+
+    @property
+    def mean(self) -> float | None:
+        """The answered probes' mean RTT (None when none answered)."""
+        answered = self.answered
+        return max(0.0, self.rtt_sum / answered) if answered else None
 
     def rtts(self) -> list[float]:
         return [s for s in self.samples if s is not None]
@@ -234,9 +258,8 @@ class UplinkHealth:
         check = self.check
         if check.max_loss is not None and w.lost / check.window > check.max_loss:
             return f"loss {percent_text(w.loss)} > {percent_text(check.max_loss)}"
-        rtts = w.rtts()
-        if check.max_rtt is not None and len(rtts) >= math.ceil(check.window / 2):
-            mean = sum(rtts) / len(rtts)
+        mean = w.mean
+        if check.max_rtt is not None and mean is not None and w.answered >= math.ceil(check.window / 2):
             if mean > check.max_rtt:
                 return f"rtt {ms_text(mean)} > {ms_text(check.max_rtt)}"
         return ""
@@ -254,11 +277,11 @@ class UplinkHealth:
             problem = "no probes yet"
             if w is not None and w.samples:
                 problem = ""
-                rtts = w.rtts()
+                mean = w.mean
                 if recover_loss is not None and w.loss > recover_loss:
                     problem = f"loss {percent_text(w.loss)} > {percent_text(recover_loss)}"
-                elif recover_rtt is not None and rtts and sum(rtts) / len(rtts) > recover_rtt:
-                    problem = f"rtt {ms_text(sum(rtts) / len(rtts))} > {ms_text(recover_rtt)}"
+                elif recover_rtt is not None and mean is not None and mean > recover_rtt:
+                    problem = f"rtt {ms_text(mean)} > {ms_text(recover_rtt)}"
             if problem:
                 problems.append(f"{target}: {problem}")
             else:
@@ -275,7 +298,7 @@ class UplinkHealth:
         windows = [w for w in self.targets.values() if w.samples]
         if not windows:
             return ""
-        means = [sum(r) / len(r) for r in (w.rtts() for w in windows) if r]
+        means = [m for m in (w.mean for w in windows) if m is not None]
         text = f"; loss {percent_text(max(w.loss for w in windows))}"
         if means:
             text += f", rtt {ms_text(max(means))}"

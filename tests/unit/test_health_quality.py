@@ -10,7 +10,7 @@ import struct
 import pytest
 
 from markrouted.config import Check, ConfigError, parse
-from markrouted.health import HOLD_MAX, TargetResult, UplinkHealth, duration_text
+from markrouted.health import HOLD_MAX, TargetResult, TargetWindow, UplinkHealth, duration_text
 from markrouted.kernel.probe_dns import answer_problem, query
 from markrouted.kernel.probe_http import request, status_problem
 from markrouted.status import render
@@ -88,6 +88,21 @@ def test_random_five_percent_loss_with_two_targets_does_not_flap() -> None:
 
 
 # ------------------------------------------------------------------ RTT
+
+
+@pytest.mark.parametrize("window", [1, 3, 10, 1000])
+def test_running_counts_match_the_window(window: int) -> None:
+    rng = random.Random(window)
+    w = TargetWindow(window)
+    for _ in range(5000):
+        w.add(None if rng.random() < 0.3 else rng.uniform(0.001, 2.0))
+        kept = list(w.samples)[-window:]
+        answered = [s for s in kept if s is not None]
+        assert len(w.samples) == len(kept) and w.lost == kept.count(None)
+        if answered:
+            assert w.mean == pytest.approx(sum(answered) / len(answered), rel=1e-9)
+        else:
+            assert w.mean is None
 
 
 def test_mean_rtt_above_max_goes_down_and_below_recovery_comes_back() -> None:
