@@ -6,9 +6,14 @@ uplink is usable at the link level, feeds the rounds to its state machine
 which a transition is one more reason to reconcile.
 
 TCP, HTTP(S) and DNS rounds run as the uplink's task: every target probed at
-once, each probe a coroutine with its own timeout. ICMP rounds run on loop callbacks (:class:`_IcmpRounds`): a timer starts a
-round, the replies and one timeout end it. That is the cheap path the many-
-uplink case needs; the task only owns the rounds' life (cancel, errors).
+once, each probe a coroutine with its own timeout. ICMP rounds run on loop
+callbacks (:class:`_IcmpRounds`): a timer starts a round, the replies and one
+timeout end it. That is the cheap path the many-uplink case needs; the task
+only owns the rounds' life (cancel, errors).
+
+A transition is logged with the numbers behind it (the reason, and every
+target's loss, RTT and jitter over the window); a transition that starts a
+flap-damping hold is followed by "uplink held down".
 """
 
 from __future__ import annotations
