@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results-health.md")
-ORDER = ("## CPU:", "## Failover:")  # the sections' order in the file
+ORDER = ("## CPU:", "## Failover:", "## Quality:")  # the sections' order in the file
 
 
 def replace_section(section: str) -> None:

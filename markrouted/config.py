@@ -78,7 +78,7 @@ IdRange: TypeAlias = tuple[int, int]
 # comparison and every construction against the values the file may hold.
 OnStop: TypeAlias = Literal["flush", "keep"]
 GatewayKind: TypeAlias = Literal["auto", "none", "address"]
-ProbeMethod: TypeAlias = Literal["icmp", "tcp"]
+ProbeMethod: TypeAlias = Literal["icmp", "tcp", "http", "https", "dns"]
 Success: TypeAlias = Literal["any", "all"]
 Family: TypeAlias = Literal["ipv4", "ipv6", "any"]
 Fallback: TypeAlias = Literal["main", "drop"]
@@ -161,6 +161,49 @@ class Check:
     up_after: int = 3
     success: Success = "any"
     """A round succeeds when ``"any"`` target answers (default), or only when ``"all"`` do."""
+    # quality over a window, flap damping, and the web and DNS probe methods
+    window: int = 10
+    """Rounds kept per target: loss and RTT are judged over them."""
+    max_loss: float | None = None
+    """Fraction (0..1) of lost probes above which a target is unhealthy; None: not judged."""
+    max_rtt: float | None = None
+    """Mean RTT (seconds) above which a target is unhealthy; None: not judged."""
+    recover_loss: float | None = None
+    """A target is healthy again at or below this loss; None: half of ``max_loss``."""
+    recover_rtt: float | None = None
+    """A target is healthy again at or below this mean RTT; None: half of ``max_rtt``."""
+    min_targets: int = 1
+    """How many targets must answer (a round) and be healthy (the window); ``success = "all"``
+    sets it to the number of targets."""
+    url_host: str | None = None
+    """http/https: the Host header and TLS server name; dns: the name asked for."""
+    url_path: str = "/"
+    """http/https: the path (and query) of the GET."""
+    tls_verify: bool = True
+    tls_ca: str | None = None
+    """https: a PEM file of trusted CAs instead of the system store."""
+    damp_flaps: int = 3
+    """Downs within ``damp_within`` that hold the uplink down; 0 turns damping off."""
+    damp_within: float = 600.0
+    damp_hold: float = 300.0
+    """The first hold; each further flap doubles it, up to an hour."""
+
+    @property
+    def needed(self) -> int:
+        """Targets that must answer a round, and be healthy over the window."""
+        return len(self.targets) if self.success == "all" else self.min_targets
+
+    @property
+    def recover_loss_or_default(self) -> float | None:
+        if self.recover_loss is not None or self.max_loss is None:
+            return self.recover_loss
+        return self.max_loss / 2
+
+    @property
+    def recover_rtt_or_default(self) -> float | None:
+        if self.recover_rtt is not None or self.max_rtt is None:
+            return self.recover_rtt
+        return self.max_rtt / 2
 
 
 @dataclass(frozen=True)
@@ -387,6 +430,12 @@ _INT64: Final = (-(2**63), 2**63 - 1)  # TOML's integers
 _DIGITS_MAX: Final = 20  # more decimal digits than any 64-bit number has
 _COUNT_MAX: Final = 1000  # down_after, up_after
 _TARGETS_MAX: Final = 16
+_WINDOW_MAX: Final = 1000
+_DAMP_FLAPS_MAX: Final = 100
+_PERCENT_RE: Final = re.compile(r"([0-9]{1,3}(?:\.[0-9]{1,3})?) ?%")
+_DNS_LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_URL_HOST_RE: Final = re.compile(r"[A-Za-z0-9.-]{1,253}|\[[0-9A-Fa-f:.]{2,45}\]")
+_URL_PATH_RE: Final = re.compile(r"/[!-~]{0,2047}")  # printable ASCII: no space, CR or LF in the request line
 _UPLINKS_MAX: Final = 256
 _POLICIES_MAX: Final = 10000
 _CGROUP_DEPTH_MAX: Final = 255  # the kernel refuses "socket cgroupv2 level" above 255
@@ -398,6 +447,10 @@ _DURATION_LIMITS: Final = MappingProxyType(
         "resync": (1.0, 86400.0, "1s", "24h"),
         "interval": (0.05, 3600.0, "50ms", "1h"),
         "timeout": (0.01, 3600.0, "10ms", "1h"),
+        "max_rtt": (0.001, 3600.0, "1ms", "1h"),
+        # seconds are allowed so that damping can be tried (and tested) quickly
+        "damp_within": (1.0, 86400.0, "1s", "24h"),
+        "damp_hold": (1.0, 3600.0, "1s", "1h"),
     }
 )
 
@@ -1035,12 +1088,15 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
     targets: list[IPAddress] = []
     method: ProbeMethod = "icmp"
     port: int | None = None
+    url_host: str | None = None
+    url_path = "/"
     interval, interval_text = 1.0, "1s"
     timeout: tuple[float, str] | None = (1.0, "1s")
     interval_ok = True
     down_after = 3
     up_after = 3
     success: Success = "any"
+    quality: dict[str, Any] = {}
     for key, value in table.items():
         path = f"{prefix}.{_key(key)}"
         match key:
@@ -1051,7 +1107,7 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
             case "method":
                 parsed_method = _method(value, path, errors)
                 if parsed_method is not None:
-                    method, port = parsed_method
+                    method, port, url_host, url_path = parsed_method
             case "interval":
                 duration = _duration(value, path, "interval", errors)
                 interval_ok = duration is not None
@@ -1063,14 +1119,31 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
                 down_after = _count(value, path, 1, _COUNT_MAX, errors) or down_after
             case "up_after":
                 up_after = _count(value, path, 1, _COUNT_MAX, errors) or up_after
+            case "window":
+                quality[key] = _count(value, path, 1, _WINDOW_MAX, errors)
+            case "min_targets":
+                quality[key] = _count(value, path, 1, _TARGETS_MAX, errors)
+            case "damp_flaps":
+                quality[key] = _count(value, path, 0, _DAMP_FLAPS_MAX, errors)
+            case "max_loss" | "recover_loss":
+                quality[key] = _percent(value, path, errors)
+            case "max_rtt" | "recover_rtt" | "damp_within" | "damp_hold":
+                quality[key] = _duration(value, path, "max_rtt" if key.endswith("rtt") else key, errors)
+            case "tls_verify":
+                quality[key] = _bool(value, path, errors)
+            case "tls_ca":
+                quality[key] = _tls_ca(value, path, errors)
             case _:
                 _unknown(path, errors)
     if "targets" not in table:
         errors.add(f"{prefix}.targets", "required")
     if timeout is not None and interval_ok and timeout[0] > interval:
         errors.add(f"{prefix}.timeout", f"{timeout[1]} is longer than interval {interval_text}")
+    _check_quality(table, quality, len(targets), method, prefix, errors)
     if len(errors.lines) != before or timeout is None:
         return None
+    max_rtt, recover_rtt = quality.get("max_rtt"), quality.get("recover_rtt")
+    damp_within, damp_hold = quality.get("damp_within"), quality.get("damp_hold")
     return Check(
         targets=tuple(targets),
         method=method,
@@ -1080,7 +1153,87 @@ def _parse_check(data: object, prefix: str, errors: _Errors) -> Check | None:
         down_after=down_after,
         up_after=up_after,
         success=success,
+        window=quality.get("window") or 10,
+        max_loss=quality.get("max_loss"),
+        max_rtt=None if max_rtt is None else max_rtt[0],
+        recover_loss=quality.get("recover_loss"),
+        recover_rtt=None if recover_rtt is None else recover_rtt[0],
+        min_targets=quality.get("min_targets") or 1,
+        url_host=url_host,
+        url_path=url_path,
+        tls_verify=quality.get("tls_verify", True),
+        tls_ca=quality.get("tls_ca"),
+        damp_flaps=quality.get("damp_flaps", 3),
+        damp_within=600.0 if damp_within is None else damp_within[0],
+        damp_hold=300.0 if damp_hold is None else damp_hold[0],
     )
+
+
+def _check_quality(table: Mapping[str, Any], quality: Mapping[str, Any], targets: int, method: ProbeMethod,
+                   prefix: str, errors: _Errors) -> None:
+    """The rules between the quality, damping and TLS keys of one check (each key already parsed)."""
+    for kind, show in (("loss", _percent_text), ("rtt", _seconds_text)):
+        worst, recover = quality.get(f"max_{kind}"), quality.get(f"recover_{kind}")
+        if recover is None:
+            continue
+        if f"max_{kind}" not in table:
+            errors.add(f"{prefix}.recover_{kind}", f"needs max_{kind} (it is the threshold to come back under)")
+            continue
+        if worst is None:
+            continue
+        worst_value = worst if kind == "loss" else worst[0]
+        recover_value = recover if kind == "loss" else recover[0]
+        if recover_value > worst_value:
+            errors.add(f"{prefix}.recover_{kind}",
+                       f"{show(recover_value)} is worse than max_{kind} {show(worst_value)}: "
+                       f"an uplink would come back while still too bad to stay up")
+    min_targets = quality.get("min_targets")
+    if min_targets is not None:
+        if table.get("success") == "all":
+            errors.add(f"{prefix}.min_targets", 'give either min_targets or success = "all", not both '
+                       '(success = "all" means min_targets = the number of targets)')
+        elif targets and min_targets > targets:
+            errors.add(f"{prefix}.min_targets", f"{min_targets} is more than the {targets} targets listed")
+    if method != "https":
+        for key in ("tls_verify", "tls_ca"):
+            if key in table:
+                errors.warn(f"{prefix}.{key}", 'has no effect: only an "https://" method uses it')
+    elif quality.get("tls_verify") is False and "tls_ca" in table:
+        errors.warn(f"{prefix}.tls_ca", "has no effect with tls_verify = false")
+
+
+def _percent(value: object, path: str, errors: _Errors) -> float | None:
+    """A fraction (0..1) from a percentage such as ``"20%"``."""
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    match = _PERCENT_RE.fullmatch(text) if len(text) <= _DURATION_TEXT_MAX else None
+    if match is None:
+        errors.add(path, f'expected a percentage such as "20%", got {_q(text)}')
+        return None
+    percent = Decimal(match[1])
+    if percent > 100:
+        errors.add(path, f"{text} is outside 0-100 %")
+        return None
+    return float(percent / 100)
+
+
+def _percent_text(fraction: float) -> str:
+    return f"{fraction * 100:g} %"
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds * 1000:g} ms"
+
+
+def _tls_ca(value: object, path: str, errors: _Errors) -> str | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    if not text.startswith("/") or "\0" in text or len(text) > _CGROUP_PATH_MAX:
+        errors.add(path, f"expected an absolute path to a PEM file of CA certificates, got {_q(text)}")
+        return None
+    return text
 
 
 def _targets(value: object, path: str, errors: _Errors) -> list[IPAddress]:
@@ -1106,22 +1259,80 @@ def _targets(value: object, path: str, errors: _Errors) -> list[IPAddress]:
     return targets
 
 
-def _method(value: object, path: str, errors: _Errors) -> tuple[ProbeMethod, int | None] | None:
+def _method(value: object, path: str, errors: _Errors) -> tuple[ProbeMethod, int | None, str | None, str] | None:
+    """The method, its port, and for http/https/dns its host (or name) and path."""
     text = _str(value, path, errors)
     if text is None:
         return None
     if text == "icmp":
-        return "icmp", None
+        return "icmp", None, None, "/"
+    if text.startswith(("http://", "https://")):
+        return _url(text, path, errors)
+    if text.startswith("dns:"):
+        name = _dns_name(text[4:])
+        if name is None:
+            what = "a name" if not text[4:] else f"a valid DNS name, got {_q(text[4:])}"
+            errors.add(path, f'"dns:" needs {what} (as in "dns:example.com")')
+            return None
+        return "dns", 53, name, "/"
     match = _TCP_METHOD_RE.fullmatch(text)
     if match is None:
-        errors.add(path, f'expected "icmp" or "tcp:PORT", got {_q(text)}')
+        errors.add(path, f'expected "icmp", "tcp:PORT", "http://HOST/PATH", "https://HOST/PATH" '
+                         f'or "dns:NAME", got {_q(text)}')
         return None
     port = _decimal(match[1])
     if port is None or not 1 <= port <= 65535:
         shown = _q(match[1]) if port is None else str(port)
         errors.add(path, f"port {shown} is out of range 1-65535")
         return None
-    return "tcp", port
+    return "tcp", port, None, "/"
+
+
+def _url(text: str, path: str, errors: _Errors) -> tuple[ProbeMethod, int | None, str | None, str] | None:
+    scheme, _, rest = text.partition("://")
+    method: ProbeMethod = "https" if scheme == "https" else "http"
+    authority, slash, tail = rest.partition("/")
+    if "@" in authority:
+        errors.add(path, f"{_q(text)}: a URL with a user or password is not supported")
+        return None
+    if "#" in tail:
+        errors.add(path, f"{_q(text)}: a URL with a fragment is not supported")
+        return None
+    host, port_text = authority, ""
+    if authority.startswith("["):
+        host, _, after = authority.partition("]")
+        host += "]"
+        if after.startswith(":"):
+            port_text = after[1:]
+        elif after:
+            host = authority  # refused below
+    elif ":" in authority:
+        host, _, port_text = authority.partition(":")
+    if not _URL_HOST_RE.fullmatch(host):
+        errors.add(path, f"{_q(text)}: expected {scheme}://HOST[:PORT]/PATH with a host name or address")
+        return None
+    port = 443 if method == "https" else 80
+    if port_text:
+        number = _decimal(port_text) if port_text.isdigit() else None
+        if number is None or not 1 <= number <= 65535:
+            errors.add(path, f"{_q(text)}: port {_q(port_text)} is out of range 1-65535")
+            return None
+        port = number
+    url_path = slash + tail if slash else "/"
+    if not _URL_PATH_RE.fullmatch(url_path):
+        errors.add(path, f"{_q(text)}: the path must be printable ASCII without spaces (percent-encode the rest)")
+        return None
+    return method, port, host, url_path
+
+
+def _dns_name(text: str) -> str | None:
+    """``text`` as a DNS name to ask for (without a trailing dot), or None when it is not one."""
+    name = text[:-1] if text.endswith(".") else text
+    if not name or len(name) > 253:
+        return None
+    if not all(_DNS_LABEL_RE.fullmatch(label) for label in name.split(".")):
+        return None
+    return name
 
 
 # --------------------------------------------------------------------------- policies

@@ -5,9 +5,15 @@ uplink is usable at the link level, feeds the rounds to its state machine
 (``health.UplinkHealth``) and reports each verdict change to the daemon, for
 which a transition is one more reason to reconcile.
 
-ICMP rounds run on loop callbacks (:class:`_IcmpRounds`): a timer starts a
-round, the replies and one timeout end it. That is the cheap path the many-
-uplink case needs; the task only owns the rounds' life (cancel, errors).
+TCP, HTTP(S) and DNS rounds run as the uplink's task: every target probed at
+once, each probe a coroutine with its own timeout. ICMP rounds run on loop
+callbacks (:class:`_IcmpRounds`): a timer starts a round, the replies and one
+timeout end it. That is the cheap path the many-uplink case needs; the task
+only owns the rounds' life (cancel, errors).
+
+A transition is logged with the numbers behind it (the reason, and every
+target's loss, RTT and jitter over the window); a transition that starts a
+flap-damping hold is followed by "uplink held down".
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import socket
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
 
 from .config import Check, Config, Uplink
-from .health import TargetResult, UplinkHealth
+from .health import TargetResult, UplinkHealth, duration_text, percent_text
 from .kernel.errors import PermissionDenied
 from .kernel.probe import IcmpProber, tcp_probe
+from .kernel.probe_dns import dns_probe
+from .kernel.probe_http import http_probe, tls_context
 from .model import DesiredState, Health, UplinkStatus
 
 
@@ -46,6 +55,8 @@ class _Checked:
         self.probers: dict[int, IcmpProber] = {}
         self.key: tuple[object, ...] = ()
         self.sources: dict[int, str] = {}
+        self.tls: ssl.SSLContext | None = None  # https: made once, loading a CA store is slow
+        self.tls_error: str | None = None
 
     def close_probers(self) -> None:
         for p in self.probers.values():
@@ -131,7 +142,12 @@ class Monitor:
         m = c.machine
         event = "health check up" if m.up else "health check down"
         (self.log.info if m.up else self.log.warning)(
-            event, uplink=c.uplink.name, reason=m.reason, loss=f"{m.loss:.0%}")
+            event, uplink=c.uplink.name, reason=m.reason, loss=f"{m.loss:.0%}", **_figures(m))
+        if not m.up and m.hold_started:
+            m.hold_started = False
+            self.log.warning("uplink held down", uplink=c.uplink.name, flaps=len(m.downs),
+                             within=duration_text(c.check.damp_within),
+                             until=time.strftime("%H:%M:%S", time.localtime(m.held_until)))
         self.on_change(c.uplink.name, Health(m.up, m.reason))
 
     def _after_round(self, c: _Checked, results: tuple[TargetResult, ...]) -> None:
@@ -145,8 +161,26 @@ class Monitor:
         source = c.sources.get(family)
         if source is None:
             return TargetResult(target, False, error=f"no {_family_name(family)} address")
-        assert c.check.port is not None
-        return await tcp_probe(status.interface, status.mark, source, target, c.check.port, c.check.timeout)
+        check = c.check
+        assert check.port is not None
+        if check.method == "tcp":
+            return await tcp_probe(status.interface, status.mark, source, target, check.port, check.timeout)
+        if check.method == "dns":
+            assert check.url_host is not None
+            return await dns_probe(status.interface, status.mark, source, target, check.url_host, check.timeout)
+        assert check.url_host is not None
+        tls = None
+        if check.method == "https":
+            if c.tls is None and c.tls_error is None:
+                try:
+                    c.tls = tls_context(check.tls_verify, check.tls_ca)
+                except (OSError, ssl.SSLError) as exc:
+                    c.tls_error = f"TLS CA file {check.tls_ca}: {getattr(exc, 'strerror', None) or exc}"
+            if c.tls is None:
+                return TargetResult(target, False, error=c.tls_error)
+            tls = c.tls
+        return await http_probe(status.interface, status.mark, source, target, check.port, check.url_host,
+                                check.url_path, check.timeout, tls)
 
     async def _tcp_rounds(self, c: _Checked, status: UplinkStatus) -> None:
         loop = asyncio.get_running_loop()
@@ -181,8 +215,8 @@ class Monitor:
             raise
         except PermissionDenied as exc:
             self.log.error("health check cannot run", uplink=c.uplink.name, error=str(exc))
-        except OSError as exc:
-            self.log.error("health check failed", uplink=c.uplink.name, error=str(exc))
+        except Exception as exc:  # a socket error, or a bug: said, not a silent "waiting" forever
+            self.log.error("health check failed", uplink=c.uplink.name, error=str(exc) or repr(exc))
             c.close_probers()
             c.task = None
 
@@ -278,6 +312,18 @@ class _IcmpRounds:
         self.cancel()
         if not self.failed.done():
             self.failed.set_exception(exc)
+
+
+def _figures(m: UplinkHealth) -> dict[str, str]:
+    """Every target's figures over the window, for the journal line of a transition."""
+    parts = []
+    for target, w in m.targets.items():
+        f = w.figures()
+        text = f"{target} loss {percent_text(w.loss)}"
+        if f["rtt_mean_ms"] is not None:
+            text += f" rtt {f['rtt_mean_ms']} ms jitter {f['jitter_ms'] or 0} ms"
+        parts.append(text)
+    return {"figures": "; ".join(parts)} if parts else {}
 
 
 def _family_name(family: int) -> str:

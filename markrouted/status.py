@@ -143,6 +143,18 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _target_figures(t: Mapping[str, Any]) -> str:
+    """A target's figures over the window: loss, mean/min/max RTT, jitter."""
+    probes = t.get("probes")
+    if not isinstance(probes, int) or probes == 0:
+        return ""
+    text = f"; over {probes} probes: loss {float(t.get('loss') or 0) * 100:.0f} %"
+    if t.get("rtt_mean_ms") is not None:
+        text += (f", rtt {t['rtt_mean_ms']:.1f} ms (min {t['rtt_min_ms']:.1f}, max {t['rtt_max_ms']:.1f})"
+                 f", jitter {float(t.get('jitter_ms') or 0):.1f} ms")
+    return text
+
+
 def render(doc: Mapping[str, Any]) -> str:
     lines = []
     source = "daemon (pid %s)" % doc["pid"] if doc.get("pid") else "computed (no daemon running)"
@@ -176,7 +188,7 @@ def render(doc: Mapping[str, Any]) -> str:
                          f"{h.get('rounds', 0)} rounds; {h.get('reason', '')}")
             for target, t in (h.get("targets") or {}).items():
                 result = f"{t['rtt_ms']} ms" if t.get("ok") else f"failed: {t.get('error') or 'no answer'}"
-                lines.append(f"    {target}: {result}")
+                lines.append(f"    {target}: {result}{_target_figures(t)}")
     policies = doc.get("policies", {})
     if policies:
         rows = [["POLICY", "CARRIED BY", "FALLBACK"]]

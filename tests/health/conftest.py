@@ -23,18 +23,23 @@ from typing import Any
 
 import pytest
 
-from lab.topology import PYTHON, ROOT, Lab
+from lab.topology import PYTHON, ROOT, Lab, toml_value
 
 POLL = 0.01  # status file polling period: small against every bound asserted
 
 
 def check(targets: list[str], method: str = "icmp", interval: str = "200ms", timeout: str = "200ms",
-          down_after: int = 3, up_after: int = 3, success: str | None = None, uplink: str = "wan1") -> str:
-    """A ``[uplinks.NAME.check]`` table, to pass as ``wan1=``/``wan2=`` of ``lab_config``."""
+          down_after: int = 3, up_after: int = 3, success: str | None = None, uplink: str = "wan1",
+          **more: object) -> str:
+    """A ``[uplinks.NAME.check]`` table, to pass as ``wan1=``/``wan2=`` of ``lab_config``.
+
+    ``more`` are further keys (``max_loss="20%"``, ``window=10``), written as TOML.
+    """
     text = (f"[uplinks.{uplink}.check]\ntargets = {json.dumps(targets)}\nmethod = \"{method}\"\n"
             f"interval = \"{interval}\"\ntimeout = \"{timeout}\"\ndown_after = {down_after}\nup_after = {up_after}\n")
     if success:
         text += f'success = "{success}"\n'
+    text += "".join(f"{key} = {toml_value(value)}\n" for key, value in more.items())
     return text
 
 

@@ -395,7 +395,7 @@ ERROR_CASES = [
     ),
     pytest.param(
         CHECK + 'method = "udp"\n',
-        ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "udp"'],
+        ['uplinks.wan1.check.method: expected "icmp", "tcp:PORT", "http://HOST/PATH", "https://HOST/PATH" or "dns:NAME", got "udp"'],
         id="check-method-unknown",
     ),
     pytest.param(
@@ -1125,6 +1125,17 @@ def test_shipped_config_shows_every_key() -> None:
         "down_after",
         "up_after",
         "success",
+        "min_targets",
+        "window",
+        "max_loss",
+        "max_rtt",
+        "recover_loss",
+        "recover_rtt",
+        "tls_verify",
+        "tls_ca",
+        "damp_flaps",
+        "damp_within",
+        "damp_hold",
     }
     policy_keys = set().union(*(set(p) for p in data["policy"]))
     assert policy_keys == {

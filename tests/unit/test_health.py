@@ -23,12 +23,13 @@ from types import SimpleNamespace
 import pytest
 
 from markrouted.config import Check, ConfigError, parse
-from markrouted.health import HISTORY, TargetResult, UplinkHealth
+from markrouted.health import TargetResult, UplinkHealth
 from markrouted.model import AF_INET, UplinkStatus
 from markrouted.monitor import Monitor
 
 ROOT = Path(__file__).resolve().parents[2]
 T1, T2 = "192.0.2.1", "2001:db8::1"
+HISTORY = Check(targets=()).window  # rounds kept for the figures
 
 
 def check(down_after: int = 3, up_after: int = 3, success: str = "any", targets: tuple[str, ...] = (T1,)) -> Check:
@@ -39,6 +40,7 @@ def check(down_after: int = 3, up_after: int = 3, success: str = "any", targets:
         down_after=down_after,
         up_after=up_after,
         success=success,
+        damp_flaps=0,  # these tests are about the counts; test_health_quality.py covers damping
     )
 
 
@@ -323,6 +325,9 @@ def test_document() -> None:
         "since": 100.0,
         "loss": 0.0,
         "rounds": 0,
+        "window": 10,
+        "flaps": 0,
+        "held_until": None,
         "targets": {},
     }
     m.round((TargetResult(T1, True, rtt=0.012345), TargetResult(T2, False, error="no answer in 0.2s")), 101.0)
@@ -333,9 +338,14 @@ def test_document() -> None:
         "since": 101.0,
         "loss": 0.0,
         "rounds": 1,
+        "window": 10,
+        "flaps": 0,
+        "held_until": None,
         "targets": {
-            T1: {"ok": True, "rtt_ms": 12.35, "error": None},
-            T2: {"ok": False, "rtt_ms": None, "error": "no answer in 0.2s"},
+            T1: {"ok": True, "rtt_ms": 12.35, "error": None, "probes": 1, "loss": 0.0, "rtt_mean_ms": 12.35,
+                 "rtt_min_ms": 12.35, "rtt_max_ms": 12.35, "jitter_ms": None},
+            T2: {"ok": False, "rtt_ms": None, "error": "no answer in 0.2s", "probes": 1, "loss": 1.0,
+                 "rtt_mean_ms": None, "rtt_min_ms": None, "rtt_max_ms": None, "jitter_ms": None},
         },
     }
 
@@ -527,12 +537,12 @@ BASE = '[uplinks.wan1]\ninterface = "eth0"\ntable = 101\nmark = 1\n[uplinks.wan1
                      id="down_after-float"),
         pytest.param("up_after = true\n", ["uplinks.wan1.check.up_after: expected an integer, got boolean"],
                      id="up_after-bool"),
-        pytest.param('method = "tcp"\n', ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "tcp"'],
+        pytest.param('method = "tcp"\n', ['uplinks.wan1.check.method: expected "icmp", "tcp:PORT", "http://HOST/PATH", "https://HOST/PATH" or "dns:NAME", got "tcp"'],
                      id="method-tcp-without-port"),
         pytest.param('method = "tcp:ssh"\n',
-                     ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "tcp:ssh"'],
+                     ['uplinks.wan1.check.method: expected "icmp", "tcp:PORT", "http://HOST/PATH", "https://HOST/PATH" or "dns:NAME", got "tcp:ssh"'],
                      id="method-port-name"),
-        pytest.param('method = "ICMP"\n', ['uplinks.wan1.check.method: expected "icmp" or "tcp:PORT", got "ICMP"'],
+        pytest.param('method = "ICMP"\n', ['uplinks.wan1.check.method: expected "icmp", "tcp:PORT", "http://HOST/PATH", "https://HOST/PATH" or "dns:NAME", got "ICMP"'],
                      id="method-case"),
         pytest.param("method = 22\n", ["uplinks.wan1.check.method: expected a string, got integer"],
                      id="method-integer"),
