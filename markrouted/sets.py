@@ -1,0 +1,121 @@
+"""Destination sets (``[sets.NAME]``): parsing set files, merging prefixes, checking domains.
+
+Pure: the text of a set file comes in, intervals and error lines go out
+(``config`` reads the files). A set's addresses become, per family, sorted
+disjoint inclusive intervals of integers (``model.Interval``): overlapping and
+adjacent prefixes are merged, so the nft set holds the fewest elements and two
+configurations that cover the same addresses compare equal. The "set elements"
+update (``diff.diff_elements``) works on these intervals.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from typing import Final, TypeAlias
+
+#: inclusive bounds, as ``model.Interval`` (this module imports nothing of markrouted)
+Interval: TypeAlias = tuple[int, int]
+
+#: The most entries (addresses or CIDRs, inline and from files) one set may have.
+MAX_ENTRIES: Final = 1_000_000
+#: The most bytes read from one set file (a longer file is refused, not cut).
+MAX_FILE_SIZE: Final = 32 * 1024 * 1024
+#: How many bad lines of one file are listed before the rest are counted.
+MAX_LISTED: Final = 20
+
+NAME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+_LABEL_RE: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_BITS: Final = {4: 32, 6: 128}
+
+
+def parse_entry(text: str) -> tuple[int, Interval] | str:
+    """One address or CIDR as (version, interval), or why it is not one (to follow the quoted text)."""
+    addr, slash, length_text = text.partition("/")
+    version = 6 if ":" in addr else 4
+    try:
+        value = int(ipaddress.IPv6Address(addr) if version == 6 else ipaddress.IPv4Address(addr))
+    except ValueError:
+        return "is not an IP address or CIDR"
+    bits = _BITS[version]
+    if slash:
+        if not length_text.isdigit() or len(length_text) > 3 or int(length_text) > bits:
+            return "is not an IP address or CIDR"
+        length = int(length_text)
+    else:
+        length = bits
+    host = (1 << (bits - length)) - 1
+    if value & host:
+        return "has host bits set"
+    return version, (value, value | host)
+
+
+def parse_lines(text: str) -> tuple[dict[int, list[Interval]], list[tuple[int, str, str]], int, int]:
+    """A set file's text: (intervals by version, bad lines, how many bad, entries).
+
+    One address or CIDR per line; ``#`` starts a comment; blank lines are
+    skipped. The bad lines (at most ``MAX_LISTED``) are (line number, entry,
+    problem).
+    """
+    out: dict[int, list[Interval]] = {4: [], 6: []}
+    errors: list[tuple[int, str, str]] = []
+    bad = 0
+    entries = 0
+    for number, line in enumerate(text.split("\n"), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        entries += 1
+        parsed = parse_entry(entry)
+        if isinstance(parsed, str):
+            bad += 1
+            if bad <= MAX_LISTED:
+                errors.append((number, entry, parsed))
+            continue
+        out[parsed[0]].append(parsed[1])
+    return out, errors, bad, entries
+
+
+def merge(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
+    """Sorted, disjoint intervals covering the same addresses (overlapping and adjacent ones merged)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(intervals):
+        if merged and lo <= merged[-1][1] + 1:
+            if hi > merged[-1][1]:
+                merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in merged)
+
+
+def contains(intervals: Sequence[Interval], value: int) -> bool:
+    """Whether ``value`` is in the sorted disjoint ``intervals`` (a binary search)."""
+    lo, hi = 0, len(intervals)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if intervals[mid][1] < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo < len(intervals) and intervals[lo][0] <= value
+
+
+def domain_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a domain in a dnsmasq ``nftset=`` line (None: it can)."""
+    text = name.lower().rstrip(".")
+    if not text or len(text) > 253:
+        return "is not a valid domain name (1-253 characters)"
+    labels = text.split(".")
+    if not all(_LABEL_RE.fullmatch(label) for label in labels):
+        return "is not a valid domain name (letters, digits and '-' in dot-separated labels)"
+    return None
+
+
+def normal_domain(name: str) -> str:
+    return name.lower().rstrip(".")
+
+
+def nft_names(name: str) -> dict[str, str]:
+    """The nft sets of ``[sets.NAME]``: static ``NAME_v4``/``NAME_v6``, dnsmasq's ``NAME_dns_v4``/``_v6``."""
+    return {"v4": f"{name}_v4", "v6": f"{name}_v6", "dns_v4": f"{name}_dns_v4", "dns_v6": f"{name}_dns_v6"}
