@@ -75,11 +75,15 @@ def test_a_set_of_100000_prefixes_loads_and_is_in_sync(host: Host) -> None:
 
 
 def _handles(host: Host) -> list[str]:
-    """Every chain, rule and set of the table with its handle (a replace gives all new ones)."""
+    """The table, its chains, rules and sets with their handles.
+
+    A replace re-creates the table: its handle comes from a per-namespace
+    counter and changes (those of its objects count from 1 again and may not).
+    """
     out = host.sh("nft", "-a", "-j", "list", "table", "inet", "markrouted")
     items = json.loads(out)["nftables"]
     return sorted(f"{k} {v.get('name', v.get('chain', ''))} {v['handle']}"
-                  for item in items for k, v in item.items() if k in ("chain", "rule", "set"))
+                  for item in items for k, v in item.items() if k in ("table", "chain", "rule", "set"))
 
 
 def _edit(lines: list[str]) -> tuple[list[str], list[str], list[str]]:
