@@ -33,6 +33,8 @@ _BITS: Final = {4: 32, 6: 128}
 def parse_entry(text: str) -> tuple[int, Interval] | str:
     """One address or CIDR as (version, interval), or why it is not one (to follow the quoted text)."""
     addr, slash, length_text = text.partition("/")
+    if "%" in addr:  # a zone index: nothing a set can match
+        return "is not an IP address or CIDR"
     version = 6 if ":" in addr else 4
     try:
         value = int(ipaddress.IPv6Address(addr) if version == 6 else ipaddress.IPv4Address(addr))
