@@ -10,8 +10,8 @@ update (``diff.diff_elements``) works on these intervals.
 
 from __future__ import annotations
 
-import ipaddress
 import re
+from socket import AF_INET, AF_INET6, inet_pton  # the C address parser: pure, no socket is opened
 from collections.abc import Iterable, Sequence
 from typing import Final, TypeAlias
 
@@ -37,8 +37,9 @@ def parse_entry(text: str) -> tuple[int, Interval] | str:
         return "is not an IP address or CIDR"
     version = 6 if ":" in addr else 4
     try:
-        value = int(ipaddress.IPv6Address(addr) if version == 6 else ipaddress.IPv4Address(addr))
-    except ValueError:
+        # ten times ipaddress's speed, which matters for a file of 100,000 lines
+        value = int.from_bytes(inet_pton(AF_INET6 if version == 6 else AF_INET, addr), "big")
+    except (OSError, ValueError):
         return "is not an IP address or CIDR"
     bits = _BITS[version]
     if slash:
@@ -64,31 +65,54 @@ def parse_lines(text: str) -> tuple[dict[int, list[Interval]], list[tuple[int, s
     errors: list[tuple[int, str, str]] = []
     bad = 0
     entries = 0
+    v4, v6 = out[4].append, out[6].append
     for number, line in enumerate(text.split("\n"), 1):
-        entry = line.split("#", 1)[0].strip()
+        if "#" in line:
+            line = line[:line.index("#")]
+        entry = line.strip()
         if not entry:
             continue
         entries += 1
+        addr, slash, length = entry.partition("/")
+        if "%" not in addr and (not slash or length.isdigit() and len(length) < 4):
+            # the common case, inline (a function call per line costs as much as the parsing)
+            try:
+                if ":" in addr:
+                    value, bits, add = int.from_bytes(inet_pton(AF_INET6, addr), "big"), 128, v6
+                else:
+                    value, bits, add = int.from_bytes(inet_pton(AF_INET, addr), "big"), 32, v4
+                size = bits - int(length) if length else 0
+                if 0 <= size <= bits and not value & ((1 << size) - 1):
+                    add((value, value | ((1 << size) - 1)))
+                    continue
+            except (OSError, ValueError):
+                pass
         parsed = parse_entry(entry)
         if isinstance(parsed, str):
             bad += 1
             if bad <= MAX_LISTED:
                 errors.append((number, entry, parsed))
             continue
-        out[parsed[0]].append(parsed[1])
+        (v4 if parsed[0] == 4 else v6)(parsed[1])
     return out, errors, bad, entries
 
 
 def merge(intervals: Iterable[Interval]) -> tuple[Interval, ...]:
     """Sorted, disjoint intervals covering the same addresses (overlapping and adjacent ones merged)."""
-    merged: list[list[int]] = []
-    for lo, hi in sorted(intervals):
-        if merged and lo <= merged[-1][1] + 1:
-            if hi > merged[-1][1]:
-                merged[-1][1] = hi
+    ordered = sorted(intervals)
+    if not ordered:
+        return ()
+    out: list[Interval] = []
+    lo, hi = ordered[0]
+    for next_lo, next_hi in ordered:
+        if next_lo <= hi + 1:
+            if next_hi > hi:
+                hi = next_hi
         else:
-            merged.append([lo, hi])
-    return tuple((lo, hi) for lo, hi in merged)
+            out.append((lo, hi))
+            lo, hi = next_lo, next_hi
+    out.append((lo, hi))
+    return tuple(out)
 
 
 def contains(intervals: Sequence[Interval], value: int) -> bool:

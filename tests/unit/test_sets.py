@@ -288,3 +288,19 @@ def test_status_document_has_set_sizes() -> None:
     assert doc["sets"]["video_dns_v6"]["elements"] is None
     json.dumps(doc)
     assert "video_dns_v4  ipv4    3" in render(doc)
+
+
+TRICKY = ["192.0.2.0/24", "192.0.2.1/24", "192.0.2.0/033", "192.0.2.0/32", "192.0.2.0/0", "0.0.0.0/0",
+          "192.0.2.256", "2001:db8::/32", "2001:db8::1/32", "2001:db8::/129", "::/0", "::", "fe80::1%lo",
+          "192.0.2.0/", "/24", "192.0.2.0/24/1", "1.2.3", "2001:db8::/-1", "192.0.2.0/ 24", "::ffff:192.0.2.1"]
+
+
+@pytest.mark.parametrize("entry", TRICKY)
+def test_a_file_line_parses_as_the_same_entry_alone(entry: str) -> None:
+    """parse_lines' inline fast path agrees with parse_entry on every line."""
+    got, bad, _nbad, _entries = sets.parse_lines(entry + "\n")
+    alone = sets.parse_entry(entry)
+    if isinstance(alone, str):
+        assert bad == [(1, entry, alone)]
+    else:
+        assert got[alone[0]] == [alone[1]] and not bad
