@@ -43,7 +43,7 @@ def parse_entry(text: str) -> tuple[int, Interval] | str:
         return "is not an IP address or CIDR"
     bits = _BITS[version]
     if slash:
-        if not length_text.isdigit() or len(length_text) > 3 or int(length_text) > bits:
+        if not (length_text.isascii() and length_text.isdigit()) or len(length_text) > 3 or int(length_text) > bits:
             return "is not an IP address or CIDR"
         length = int(length_text)
     else:
