@@ -1451,6 +1451,10 @@ def _parse_sets(data: object, read: SetReader, errors: _Errors) -> tuple[Address
         if not _sets.NAME_RE.fullmatch(name):
             errors.add(prefix, f"{_q(name)} is not a valid set name (a letter, then up to 31 letters, digits or '_')")
             continue
+        if name.endswith("_dns"):
+            # NAME_dns_v4 is the nft name of set NAME's dnsmasq part
+            errors.add(prefix, f"{_q(name)}: a set name may not end in _dns")
+            continue
         parsed = _parse_set(name, prefix, body, read, errors)
         if parsed is not None:
             out.append(parsed)

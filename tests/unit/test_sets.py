@@ -152,6 +152,19 @@ def test_bad_set_names_and_keys() -> None:
     )
 
 
+def test_a_set_name_may_not_end_in_dns() -> None:
+    with pytest.raises(ConfigError) as info:
+        from_dict({"uplinks": UPLINKS, "sets": {"video_dns": {"elements": ["192.0.2.0/24"]}}})
+    assert info.value.errors == ('sets.video_dns: "video_dns": a set name may not end in _dns',)
+
+
+def test_dnsmasq_element_messages_do_not_ask_for_a_pass() -> None:
+    from markrouted.kernel.events import dnsmasq_elements
+
+    assert dnsmasq_elements(12, {2: b"video_dns_v4\0"}) and dnsmasq_elements(14, {2: b"video_dns_v6\0"})
+    assert not dnsmasq_elements(12, {2: b"video_v4\0"}) and not dnsmasq_elements(10, {2: b"video_dns_v4\0"})
+
+
 def test_too_many_entries() -> None:
     text = "".join(f"198.18.{i >> 8 & 1}.{i & 255}\n" for i in range(512)) * (sets.MAX_ENTRIES // 512 + 1)
     assert errors({"files": ["/f"]}, files={"/f": text}) == [
