@@ -386,16 +386,28 @@ class NftChain:
 Interval: TypeAlias = tuple[int, int]
 
 
-def interval_text(lo: int, hi: int, version: int) -> str:
-    """One interval in nft's syntax: an address, a prefix, or ``a-b``."""
-    cls = ipaddress.IPv4Address if version == 4 else ipaddress.IPv6Address
+def _address_text(value: int, version: int) -> str:
+    """An address as ipaddress prints it (IPv6 compressed): for people."""
+    return str(ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value))
+
+
+def _address_raw(value: int, version: int) -> str:
+    """An address in a form nft reads (IPv6 uncompressed): five times faster, for 100,000 elements."""
+    if version == 4:
+        return f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
+    return ":".join([f"{value >> shift & 0xFFFF:x}" for shift in (112, 96, 80, 64, 48, 32, 16, 0)])
+
+
+def interval_text(lo: int, hi: int, version: int, fast: bool = False) -> str:
+    """One interval in nft's syntax: an address, a prefix, or ``a-b`` (``fast``: IPv6 uncompressed)."""
+    show = _address_raw if fast else _address_text
     size = hi - lo + 1
     if lo == hi:
-        return str(cls(lo))
+        return show(lo, version)
     if size & (size - 1) == 0 and lo & (size - 1) == 0:
         bits = 32 if version == 4 else 128
-        return f"{cls(lo)}/{bits - size.bit_length() + 1}"
-    return f"{cls(lo)}-{cls(hi)}"
+        return f"{show(lo, version)}/{bits - size.bit_length() + 1}"
+    return f"{show(lo, version)}-{show(hi, version)}"
 
 
 @dataclass(frozen=True)
@@ -424,8 +436,9 @@ class NftSet:
     def type(self) -> str:
         return "ipv4_addr" if self.version == 4 else "ipv6_addr"
 
-    def element_texts(self, elements: Iterable[Interval] | None = None) -> list[str]:
-        return [interval_text(lo, hi, self.version) for lo, hi in (self.elements if elements is None else elements)]
+    def element_texts(self, elements: Iterable[Interval] | None = None, fast: bool = False) -> list[str]:
+        version = self.version
+        return [interval_text(lo, hi, version, fast) for lo, hi in (self.elements if elements is None else elements)]
 
     def text(self) -> list[str]:
         lines = [f"\tset {self.name} {{", f"\t\ttype {self.type}"]
@@ -434,7 +447,7 @@ class NftSet:
         else:
             lines.append("\t\tflags interval\n\t\tauto-merge")
             if self.elements:
-                lines.append("\t\telements = { " + ", ".join(self.element_texts()) + " }")
+                lines.append("\t\telements = { " + ", ".join(self.element_texts(fast=True)) + " }")
         lines.append("\t}")
         return lines
 

@@ -318,3 +318,20 @@ def test_a_file_line_parses_as_the_same_entry_alone(entry: str) -> None:
         assert bad == [(1, entry, alone)]
     else:
         assert got[alone[0]] == [alone[1]] and not bad
+
+
+@pytest.mark.parametrize("lo, hi, version", [
+    (_ip("2001:db8::"), _ip("2001:db8::ffff:ffff:ffff:ffff"), 6), (_ip("::"), _ip("::"), 6),
+    (_ip("2001:db8:0:1::5"), _ip("2001:db8:0:1::9"), 6), (_ip("192.0.2.0"), _ip("192.0.2.127"), 4),
+    (0, 2**128 - 1, 6), (_ip("198.51.100.3"), _ip("198.51.100.3"), 4)])
+def test_the_fast_form_of_an_interval_is_the_same_interval(lo: int, hi: int, version: int) -> None:
+    fast, slow = interval_text(lo, hi, version, fast=True), interval_text(lo, hi, version)
+
+    def bounds(text: str) -> tuple[int, int]:
+        if "-" in text:
+            a, b = text.split("-")
+            return _ip(a), _ip(b)
+        net = ipaddress.ip_network(text)
+        return int(net.network_address), int(net.broadcast_address)
+
+    assert bounds(fast) == bounds(slow) == (lo, hi)
