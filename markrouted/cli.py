@@ -160,6 +160,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         kernel = _kernel(args)
         result = compute(config, kernel)
         doc = document(result.desired, result.plan.empty)
+    if doc.get("sets"):
+        from .status import with_dnsmasq_counts
+
+        names = [name for name, item in doc["sets"].items() if item.get("dnsmasq")]
+        with_dnsmasq_counts(doc, {name: len(values) for name, values in _dns_held(names).items()})
     if args.json:
         import json
 
@@ -173,7 +178,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     import ipaddress
 
     from .derive import derive, needs
-    from .explain import Packet, classify, proto_number
+    from .explain import Packet, address_match, classify, proto_number
 
     config = _load(args)
     try:
@@ -205,12 +210,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
     elif str(pkt.daddr) in local or pkt.daddr.is_multicast or pkt.daddr.is_loopback:
         print("policy:  none: addressed to this host (or multicast), never classified")
     else:
-        policy = classify(config, pkt, frozenset(observed.cgroup_ids))
+        from .sets import nft_names
+
+        dns = _dns_held([nft_names(s.name)[k] for s in config.sets if s.domains for k in ("dns_v4", "dns_v6")])
+        policy = classify(config, pkt, frozenset(observed.cgroup_ids), dns)
         if policy is None:
             print("policy:  none matches: the packet is not marked and follows the main table")
         else:
             status = next(p for p in desired.policies if p.name == policy.name)
             print(f"policy:  {policy.name} (policy[{policy.index}])")
+            by_name = {s.name: s for s in config.sets}
+            for field, address, nets, refs in (("daddr", pkt.daddr, policy.daddr, policy.daddr_sets),
+                                               ("saddr", pkt.saddr, policy.saddr, policy.saddr_sets)):
+                if refs and address is not None:
+                    found = address_match(address, nets, refs, by_name, dns)
+                    if found and found != "listed":
+                        print(f"{field}:   {address} is in {found}")
             if not status.active:
                 if policy.fallback == "drop":
                     print("uplink:  none usable: fallback = drop, the packet is dropped")
@@ -259,6 +274,48 @@ def cmd_explain(args: argparse.Namespace) -> int:
     if route["prefsrc"]:
         text += f" src {route['prefsrc']}"
     print(f"route:   {text}")
+    return EXIT_OK
+
+
+def _dns_held(names: Sequence[str]) -> dict[str, frozenset[int]]:
+    """The addresses dnsmasq holds now in the named domain sets (those that cannot be read left out)."""
+    if not names:
+        return {}
+    from .kernel.errors import KernelError
+    from .kernel.nftdump import NftDumper
+
+    out: dict[str, frozenset[int]] = {}
+    try:
+        dumper = NftDumper()
+    except (KernelError, OSError):
+        return out
+    try:
+        for name in names:
+            try:
+                out[name] = frozenset(value for value, _w, _left in dumper.timed(name))
+            except KernelError:
+                continue
+    finally:
+        dumper.close()
+    return out
+
+
+def cmd_dnsmasq_config(args: argparse.Namespace) -> int:
+    from .sets import nft_names
+
+    config = _load(args)
+    lines = []
+    for item in config.sets:
+        if not item.domains:
+            continue
+        names = nft_names(item.name)
+        lines.append(f"# [sets.{item.name}] of {shown_path(args.config)}")
+        lines.append(f"nftset=/{'/'.join(item.domains)}/"
+                     f"4#inet#markrouted#{names['dns_v4']},6#inet#markrouted#{names['dns_v6']}")
+    if not lines:
+        print(f"# no set in {shown_path(args.config)} has domains", file=sys.stderr)
+        return EXIT_OK
+    print("\n".join(lines))
     return EXIT_OK
 
 
@@ -316,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gid", type=int, help="group of the local socket")
     s.add_argument("--cgroup", help="cgroup v2 path of the local socket")
     s.set_defaults(func=cmd_explain)
+
+    s = sub.add_parser("dnsmasq-config", parents=[common],
+                       help="print dnsmasq nftset= lines for the sets with domains (for /etc/dnsmasq.d/)")
+    s.set_defaults(func=cmd_dnsmasq_config)
 
     s = sub.add_parser("flush", parents=[common], help="remove everything markrouted owns, nothing else")
     s.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")

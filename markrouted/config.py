@@ -33,19 +33,21 @@ import socket
 import stat
 import tomllib
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from types import MappingProxyType
 from typing import Any, Final, Literal, TypeAlias, TypeVar
 
-from .model import IP_PROTOCOLS, PORT_PROTOCOLS, PRIORITY_SPAN, RESERVED_TABLES
+from .model import IP_PROTOCOLS, PORT_PROTOCOLS, PRIORITY_SPAN, RESERVED_TABLES, Interval
+from . import sets as _sets
 
 from . import text as _text
 
 __all__ = [
     "DEFAULT_PATH",
     "MAX_FILE_SIZE",
+    "AddressSet",
     "Check",
     "Config",
     "ConfigError",
@@ -222,6 +224,41 @@ class Uplink:
 
 
 @dataclass(frozen=True)
+class AddressSet:
+    """One ``[sets.NAME]``: addresses (inline and from files) and domains dnsmasq fills in."""
+
+    name: str
+    v4: tuple[Interval, ...] = ()
+    """Merged, sorted inclusive intervals of the IPv4 addresses (inline and from files)."""
+    v6: tuple[Interval, ...] = ()
+    files: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    """Lower case, without a trailing dot."""
+    dns_timeout: int = 3600
+    """Seconds an address dnsmasq added stays in the set."""
+    entries: int = 0
+    """Addresses and CIDRs as written (before merging)."""
+
+    @property
+    def versions(self) -> frozenset[int]:
+        """The IP versions the set can hold now (both when dnsmasq fills it)."""
+        if self.domains:
+            return frozenset({4, 6})
+        return frozenset(v for v, items in ((4, self.v4), (6, self.v6)) if items)
+
+    def intervals(self, version: int) -> tuple[Interval, ...]:
+        return self.v4 if version == 4 else self.v6
+
+
+@dataclass(frozen=True)
+class SetRef:
+    """A ``"@NAME"`` item of a policy's daddr or saddr, with the versions that set holds."""
+
+    name: str
+    versions: frozenset[int]
+
+
+@dataclass(frozen=True)
 class Policy:
     """One ``[[policy]]``: given matchers are ANDed, the items of each list ORed.
 
@@ -238,6 +275,9 @@ class Policy:
     daddr: tuple[IPNetwork, ...] = ()
     saddr: tuple[IPNetwork, ...] = ()
     iif: str | None = None
+    daddr_sets: tuple[SetRef, ...] = ()
+    """The ``"@NAME"`` items of daddr, ORed with its literal networks."""
+    saddr_sets: tuple[SetRef, ...] = ()
     uid: tuple[IdRange, ...] = ()
     gid: tuple[IdRange, ...] = ()
     cgroup: str | None = None
@@ -259,7 +299,8 @@ class Policy:
         the address families present in ``daddr`` and in ``saddr``.
         """
         allowed = {4, 6}
-        for _, versions in _family_constraints(self.family, self.proto, self.daddr, self.saddr):
+        for _, versions in _family_constraints(self.family, self.proto, self.daddr, self.saddr,
+                                               self.daddr_sets, self.saddr_sets):
             allowed &= versions
         return tuple(af for version, af in ((4, socket.AF_INET), (6, socket.AF_INET6)) if version in allowed)
 
@@ -273,6 +314,8 @@ class Config:
     """In file order."""
     policies: tuple[Policy, ...] = ()
     """In file order, which is match order."""
+    sets: tuple[AddressSet, ...] = ()
+    """``[sets.NAME]`` in file order."""
     warnings: tuple[str, ...] = field(default=(), compare=False)
     """Valid but probably not what was meant; ``check`` prints them."""
 
@@ -366,21 +409,30 @@ def _file_kind(mode: int) -> str:
     return "of an unknown kind"
 
 
-def from_dict(data: Mapping[str, Any]) -> Config:
-    """Validate already-decoded TOML data; raises ConfigError listing every problem."""
+def from_dict(data: Mapping[str, Any], read: SetReader | None = None) -> Config:
+    """Validate already-decoded TOML data; raises ConfigError listing every problem.
+
+    ``read`` reads a set file (``read_set_file`` when not given).
+    """
     errors = _Errors()
     if not isinstance(data, Mapping):
         errors.add("config", _type_error("a table", data))
         raise ConfigError(errors.lines)
     for key in data:
-        if key not in ("settings", "uplinks", "policy"):
+        if key not in ("settings", "uplinks", "policy", "sets"):
             errors.add(_key(key), "unknown key")
     settings, mask_ok = _parse_settings(data.get("settings", {}), errors)
     uplinks, uplink_names = _parse_uplinks(data.get("uplinks", {}), settings, mask_ok, errors)
-    policies = _parse_policies(data.get("policy", []), uplink_names, errors)
+    address_sets = _parse_sets(data.get("sets", {}), read or read_set_file, errors)
+    by_name: dict[str, AddressSet | None] = {}
+    if isinstance(data.get("sets"), Mapping):
+        by_name = dict.fromkeys(data["sets"])  # a set with errors: its references say nothing more
+    by_name.update((s.name, s) for s in address_sets)
+    policies = _parse_policies(data.get("policy", []), uplink_names, errors, by_name)
     if errors.lines:
         raise ConfigError(errors.lines)
-    return Config(settings=settings, uplinks=uplinks, policies=policies, warnings=tuple(errors.warnings))
+    return Config(settings=settings, uplinks=uplinks, policies=policies, sets=address_sets,
+                  warnings=tuple(errors.warnings))
 
 
 _DURATION_RE: Final = re.compile(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))(ms|s|m|h)")
@@ -451,6 +503,7 @@ _DURATION_LIMITS: Final = MappingProxyType(
         # seconds are allowed so that damping can be tried (and tested) quickly
         "damp_within": (1.0, 86400.0, "1s", "24h"),
         "damp_hold": (1.0, 3600.0, "1s", "1h"),
+        "dns_timeout": (1.0, 7 * 86400.0, "1s", "7d"),
     }
 )
 
@@ -1338,7 +1391,10 @@ def _dns_name(text: str) -> str | None:
 # --------------------------------------------------------------------------- policies
 
 
-def _parse_policies(data: object, uplink_names: frozenset[str], errors: _Errors) -> tuple[Policy, ...]:
+def _parse_policies(
+    data: object, uplink_names: frozenset[str], errors: _Errors,
+    address_sets: Mapping[str, AddressSet | None] | None = None,
+) -> tuple[Policy, ...]:
     if not _is_array(data):
         errors.add("policy", _type_error("an array of tables ([[policy]])", data))
         return ()
@@ -1349,7 +1405,7 @@ def _parse_policies(data: object, uplink_names: frozenset[str], errors: _Errors)
     policies: list[Policy] = []
     names: dict[str, int] = {}
     for index, body in enumerate(data):
-        policy = _parse_policy(index, body, uplink_names, names, errors)
+        policy = _parse_policy(index, body, uplink_names, names, errors, address_sets or {})
         if policy is not None:
             policies.append(policy)
     return tuple(policies)
@@ -1378,7 +1434,8 @@ def _policy_name(index: int, table: Mapping[str, Any], names: dict[str, int], er
 
 
 def _parse_policy(
-    index: int, data: object, uplink_names: frozenset[str], names: dict[str, int], errors: _Errors
+    index: int, data: object, uplink_names: frozenset[str], names: dict[str, int], errors: _Errors,
+    address_sets: Mapping[str, AddressSet | None] | None = None,
 ) -> Policy | None:
     before = len(errors.lines)
     table = _table(data, f"policy[{index}]", errors)
@@ -1388,6 +1445,7 @@ def _parse_policy(
     proto: int | None = None
     ports: dict[str, tuple[PortRange, ...]] = {"dport": (), "sport": ()}
     addresses: dict[str, tuple[IPNetwork, ...]] = {"daddr": (), "saddr": ()}
+    refs: dict[str, tuple[SetRef, ...]] = {"daddr": (), "saddr": ()}
     ids: dict[str, tuple[IdRange, ...]] = {"uid": (), "gid": ()}
     iif: str | None = None
     cgroup: str | None = None
@@ -1405,7 +1463,7 @@ def _parse_policy(
             case "dport" | "sport":
                 ports[key] = _ranges(value, path, 1, 65535, "a port", errors)
             case "daddr" | "saddr":
-                addresses[key] = _networks(value, path, errors)
+                addresses[key], refs[key] = _addresses(value, path, address_sets or {}, errors)
             case "iif":
                 iif = _ifname(value, path, errors)
             case "uid" | "gid":
@@ -1430,7 +1488,8 @@ def _parse_policy(
                     f"{prefix}.{key}",
                     f"ports need proto tcp, udp, sctp or udplite, not {_proto_label(proto)}",
                 )
-    constraints = _family_constraints(family, proto, addresses["daddr"], addresses["saddr"])
+    constraints = _family_constraints(family, proto, addresses["daddr"], addresses["saddr"],
+                                      refs["daddr"], refs["saddr"])
     allowed = {4, 6}
     for i, (description, versions) in enumerate(constraints):
         if not allowed & versions:
@@ -1460,6 +1519,8 @@ def _parse_policy(
         daddr=addresses["daddr"],
         saddr=addresses["saddr"],
         iif=iif,
+        daddr_sets=refs["daddr"],
+        saddr_sets=refs["saddr"],
         uid=ids["uid"],
         gid=ids["gid"],
         cgroup=cgroup,
@@ -1471,7 +1532,8 @@ def _parse_policy(
 
 
 def _family_constraints(
-    family: str, proto: int | None, daddr: Sequence[IPNetwork], saddr: Sequence[IPNetwork]
+    family: str, proto: int | None, daddr: Sequence[IPNetwork], saddr: Sequence[IPNetwork],
+    daddr_sets: Sequence[SetRef] = (), saddr_sets: Sequence[SetRef] = (),
 ) -> list[tuple[str, frozenset[int]]]:
     """What narrows a policy's IP versions, each with how a message describes it."""
     constraints: list[tuple[str, frozenset[int]]] = []
@@ -1480,11 +1542,14 @@ def _family_constraints(
     if proto is not None and proto in _PROTOCOL_FAMILY:
         version = _PROTOCOL_FAMILY[proto]
         constraints.append((f"proto {_proto_label(proto)} is IPv{version} only", frozenset({version})))
-    for key, networks in (("daddr", daddr), ("saddr", saddr)):
-        versions = frozenset(n.version for n in networks)
+    for key, networks, refs in (("daddr", daddr, daddr_sets), ("saddr", saddr, saddr_sets)):
+        versions: frozenset[int] = frozenset(n.version for n in networks)
+        for ref in refs:
+            versions |= ref.versions
         if len(versions) == 1:
             (version,) = versions
-            constraints.append((f"{key} has only IPv{version} networks", versions))
+            what = "networks" if not refs else "networks and sets"
+            constraints.append((f"{key} has only IPv{version} {what}", versions))
     return constraints
 
 
@@ -1523,6 +1588,164 @@ def _networks(value: object, path: str, errors: _Errors) -> tuple[IPNetwork, ...
         if network is not None:
             networks.append(network)
     return tuple(networks)
+
+
+def _addresses(
+    value: object, path: str, address_sets: Mapping[str, AddressSet | None], errors: _Errors
+) -> tuple[tuple[IPNetwork, ...], tuple[SetRef, ...]]:
+    """daddr/saddr: literal networks and ``"@NAME"`` references to ``[sets.NAME]``."""
+    networks: list[IPNetwork] = []
+    refs: list[SetRef] = []
+    for item_path, item in _items(value, path, errors) or ():
+        if isinstance(item, str) and item.startswith("@"):
+            name = item[1:]
+            found = address_sets.get(name)
+            if name in address_sets and found is None:
+                continue
+            if found is None:
+                known = ", ".join(sorted(address_sets)) or "none defined"
+                errors.add(item_path, f"unknown set {_q(item)} (sets: {known})")
+            elif all(r.name != name for r in refs):
+                refs.append(SetRef(name, found.versions))
+            continue
+        network = _network(item, item_path, errors)
+        if network is not None:
+            networks.append(network)
+    return tuple(networks), tuple(refs)
+
+
+# --------------------------------------------------------------------------- sets
+
+
+SetReader: TypeAlias = Callable[[str], str]
+
+
+def read_set_file(path: str) -> str:
+    """A set file's text: a regular file of at most ``sets.MAX_FILE_SIZE`` bytes, as UTF-8.
+
+    Raises ValueError with the reason (missing, not a regular file, too large, not UTF-8).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"not a regular file ({_file_kind(info.st_mode)})")
+        limit = _sets.MAX_FILE_SIZE
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise ValueError(f"larger than {limit} bytes (32 MiB), the most a set file may have")
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"invalid UTF-8 at byte {exc.start}") from None
+
+
+def _parse_sets(data: object, read: SetReader, errors: _Errors) -> tuple[AddressSet, ...]:
+    table = _table(data, "sets", errors)
+    out: list[AddressSet] = []
+    for name, body in (table or {}).items():
+        prefix = f"sets.{_key(name)}"
+        if not _sets.NAME_RE.fullmatch(name):
+            errors.add(prefix, f"{_q(name)} is not a valid set name (a letter, then up to 31 letters, digits or '_')")
+            continue
+        if name.endswith("_dns"):
+            # NAME_dns_v4 is the nft name of set NAME's dnsmasq part
+            errors.add(prefix, f"{_q(name)}: a set name may not end in _dns")
+            continue
+        parsed = _parse_set(name, prefix, body, read, errors)
+        if parsed is not None:
+            out.append(parsed)
+    return tuple(out)
+
+
+def _parse_set(name: str, prefix: str, data: object, read: SetReader, errors: _Errors) -> AddressSet | None:
+    table = _table(data, prefix, errors)
+    if table is None:
+        return None
+    before = len(errors.lines)
+    found: dict[int, list[Interval]] = {4: [], 6: []}
+    files: list[str] = []
+    domains: list[str] = []
+    timeout = 3600
+    entries = 0
+    for key, value in table.items():
+        path = f"{prefix}.{_key(key)}"
+        match key:
+            case "elements":
+                for item_path, item in _items(value, path, errors) or ():
+                    text = _str(item, item_path, errors)
+                    if text is None:
+                        continue
+                    parsed = _sets.parse_entry(text)
+                    if isinstance(parsed, str):
+                        errors.add(item_path, f"{_q(text)} {parsed}")
+                    else:
+                        found[parsed[0]].append(parsed[1])
+                        entries += 1
+            case "files":
+                for item_path, item in _items(value, path, errors) or ():
+                    file_name = _str(item, item_path, errors)
+                    if file_name is None:
+                        continue
+                    if not file_name.startswith("/"):
+                        errors.add(item_path, f"{_q(file_name)} is not an absolute path")
+                        continue
+                    try:
+                        content = read(file_name)
+                    except ValueError as exc:
+                        errors.add(item_path, f"{_text.path(file_name)}: {exc}")
+                        continue
+                    got, bad, nbad, count = _sets.parse_lines(content)
+                    shown = _text.path(file_name)
+                    errors.lines.extend(f"{shown}:{line}: {_q(entry)} {problem}" for line, entry, problem in bad)
+                    if nbad > len(bad):
+                        errors.lines.append(f"{shown}: {nbad - len(bad)} more bad lines")
+                    entries += count
+                    found[4] += got[4]
+                    found[6] += got[6]
+                    files.append(file_name)
+                    if entries > _sets.MAX_ENTRIES:
+                        break
+            case "domains":
+                for item_path, item in _items(value, path, errors) or ():
+                    domain = _str(item, item_path, errors)
+                    if domain is None:
+                        continue
+                    problem = _sets.domain_problem(domain)
+                    if problem:
+                        errors.add(item_path, f"{_q(domain)} {problem}")
+                    elif _sets.normal_domain(domain) not in domains:
+                        domains.append(_sets.normal_domain(domain))
+            case "dns_timeout":
+                parsed_timeout = _duration(value, path, "dns_timeout", errors)
+                if parsed_timeout is not None:
+                    timeout = max(1, int(parsed_timeout[0]))
+            case _:
+                _unknown(path, errors)
+    if entries > _sets.MAX_ENTRIES:
+        errors.add(prefix, f"more than {_sets.MAX_ENTRIES} addresses and CIDRs, the most a set may have")
+    if not any(k in table for k in ("elements", "files", "domains")):
+        errors.add(prefix, "give at least one of elements, files or domains")
+    elif len(errors.lines) == before and not entries and not domains:
+        errors.warn(prefix, "the set is empty: it matches nothing")
+    if len(errors.lines) != before:
+        return None
+    return AddressSet(name=name, v4=_sets.merge(found[4]), v6=_sets.merge(found[6]), files=tuple(files),
+                      domains=tuple(domains), dns_timeout=timeout, entries=entries)
 
 
 def _cgroup(value: object, path: str, errors: _Errors) -> str | None:

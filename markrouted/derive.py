@@ -37,8 +37,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from . import nftexpr as nx
-from .config import Config, Gateway, Policy, Uplink
+from .config import AddressSet, Config, Gateway, IPNetwork, Policy, SetRef, Uplink
+from .sets import nft_names
 from .model import (
+    NftSet,
     AF_INET,
     AF_INET6,
     FAMILIES,
@@ -296,7 +298,8 @@ _NFPROTO = {family: nx.match(nx.meta("nfproto"), nx.word(family_name(family))) f
 
 
 def _policy_matches(
-    policy: Policy, cgroup_prefix: str, cgroup_ids: Mapping[str, int]
+    policy: Policy, cgroup_prefix: str, cgroup_ids: Mapping[str, int],
+    sets_by_name: Mapping[str, AddressSet] | None = None,
 ) -> tuple[tuple[str, ...], list[tuple[list[nx.X], object]]]:
     """The hooks one policy can match in, and its match expressions: one list per family split.
 
@@ -305,6 +308,7 @@ def _policy_matches(
     prerouting; uid/gid/cgroup: local sockets only, in output) or its cgroup
     does not exist now.
     """
+    sets_by_name = sets_by_name or {}
     local_only = bool(policy.uid or policy.gid or policy.cgroup)
     if policy.iif:
         hooks: tuple[str, ...] = () if local_only else ("prerouting",)
@@ -340,28 +344,69 @@ def _policy_matches(
         salt = cgroup_ids[path]
 
     families = policy.families
-    split = bool(policy.daddr or policy.saddr) or len(families) == 1
+    addressed = bool(policy.daddr or policy.saddr or policy.daddr_sets or policy.saddr_sets)
+    split = addressed or len(families) == 1
     if not split:
         return hooks, [(common, salt)]
     out = []
     for family in families:
         version = 4 if family == AF_INET else 6
-        parts = list(common)
-        ok = True
-        for field_name, nets in (("saddr", policy.saddr), ("daddr", policy.daddr)):
-            if not nets:
+        # each address field is a choice among its literal networks and its sets:
+        # one rule per combination (all of them go to the same pick chain)
+        combos: list[list[nx.X]] = [list(common)]
+        for field_name, nets, refs in (("saddr", policy.saddr, policy.saddr_sets),
+                                       ("daddr", policy.daddr, policy.daddr_sets)):
+            if not (nets or refs):
                 continue
-            mine = [nx.prefix(str(n.network_address), n.prefixlen) for n in nets if n.version == version]
-            if not mine:
-                ok = False
-                break
-            parts.append(nx.match(_ADDRESS[family, field_name], nx.anon_set(mine)))
-        if not ok:
-            continue
-        if not (policy.daddr or policy.saddr):
-            parts.insert(0, _NFPROTO[family])
-        out.append((parts, salt))
+            options = _address_options(_ADDRESS[family, field_name], nets, refs, sets_by_name, version)
+            combos = [[*parts, option] for parts in combos for option in options]
+        for parts in combos:
+            if not addressed:
+                parts.insert(0, _NFPROTO[family])
+            out.append((parts, salt))
     return hooks, out
+
+
+def _address_options(
+    field: nx.X, nets: Sequence[IPNetwork], refs: Sequence[SetRef],
+    sets_by_name: Mapping[str, AddressSet], version: int,
+) -> list[nx.X]:
+    """The matches of one address field for one IP version: literals as one anonymous set, then each set."""
+    options = []
+    mine = [nx.prefix(str(n.network_address), n.prefixlen) for n in nets if n.version == version]
+    if mine:
+        options.append(nx.match(field, nx.anon_set(mine)))
+    for ref in refs:
+        found = sets_by_name.get(ref.name)
+        if found is None:
+            continue
+        for name in set_names(found, version):
+            options.append(nx.match(field, nx.word("@" + name)))
+    return options
+
+
+def set_names(address_set: AddressSet, version: int) -> list[str]:
+    """The nft sets that hold ``address_set``'s addresses of one IP version (static, then dnsmasq's)."""
+    names = nft_names(address_set.name)
+    key = f"v{version}"
+    out = []
+    if address_set.files or address_set.intervals(version):
+        out.append(names[key])
+    if address_set.domains:
+        out.append(names["dns_" + key])
+    return out
+
+
+def derive_sets(config: Config) -> tuple[NftSet, ...]:
+    """The named sets of ``[sets.NAME]``: static ones with their merged elements, dnsmasq's empty."""
+    out: list[NftSet] = []
+    for item in config.sets:
+        for version in (4, 6):
+            for name in set_names(item, version):
+                dynamic = "_dns_" in name[len(item.name):]
+                out.append(NftSet(name, version, () if dynamic else item.intervals(version), dynamic,
+                                  item.dns_timeout if dynamic else 0))
+    return tuple(out)
 
 
 def _target_key(policy: Policy) -> tuple[object, ...]:
@@ -423,6 +468,7 @@ class StaticChains:
     hooks: tuple[NftChain, ...]  # prerouting, output
     targets: Mapping[tuple[object, ...], str]  # policy target -> pick chain name
     first_policy: Mapping[str, Policy]  # pick chain name -> a policy with that target
+    sets: tuple[NftSet, ...] = ()  # the named sets of [sets.NAME]
 
 
 def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[str, int] | None = None) -> StaticChains:
@@ -470,8 +516,9 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
     # a policy's rules are the same objects in both hooks: rendered once
     by_hook: dict[str, list[NftRule]] = {hook: [] for hook in HOOKS}
     gotos = {name: nx.goto(name) for name in first}
+    sets_by_name = {item.name: item for item in config.sets}
     for policy in config.policies:
-        in_hooks, splits = _policy_matches(policy, cgroup_prefix, cgroup_ids)
+        in_hooks, splits = _policy_matches(policy, cgroup_prefix, cgroup_ids, sets_by_name)
         if not in_hooks:
             continue
         goto = gotos[targets[_target_key(policy)]]
@@ -495,7 +542,7 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
         return NftChain(hook, base, tuple(rules))
 
     hooks = (hook_chain("prerouting"), hook_chain("output"))
-    return StaticChains(tuple(chains), hooks, targets, first)
+    return StaticChains(tuple(chains), hooks, targets, first, derive_sets(config))
 
 
 def derive_nft(
@@ -530,7 +577,7 @@ def derive_nft(
                  nx.masquerade()],
             ))
     chains.append(NftChain("postrouting", BaseHook("nat", "postrouting", 100), tuple(nat)))
-    return NftTable(tuple(chains))
+    return NftTable(tuple(chains), static.sets)
 
 
 # ------------------------------------------------------------------ all of it

@@ -9,7 +9,39 @@ rules and routes removed, so no packet falls through mid-change.
 
 from __future__ import annotations
 
-from .model import Actual, DesiredState, NftTable, NftUpdate, Plan, Route
+from collections.abc import Sequence
+
+from .model import Actual, DesiredState, Interval, NftTable, NftUpdate, Plan, Route, SetElements
+
+
+def diff_elements(
+    desired: Sequence[Interval], actual: Sequence[Interval]
+) -> tuple[tuple[Interval, ...], tuple[Interval, ...]]:
+    """(intervals to delete, intervals to add) to make a static set's ``actual`` elements ``desired``.
+
+    Both sides are merged, sorted and disjoint (``sets.merge``; the kernel's
+    listing decodes to the same form), so an interval is in both exactly when
+    it needs no write: an edit of ten lines of a set file is ten element
+    changes, whatever the set's size.
+    """
+    want, have = set(desired), set(actual)
+    return tuple(sorted(have - want)), tuple(sorted(want - have))
+
+
+def diff_sets(desired: NftTable, actual: NftTable) -> tuple[SetElements, ...] | None:
+    """The "set elements" updates, or None when a set's declaration differs (a replace)."""
+    want = {s.name: s for s in desired.sets}
+    have = {s.name: s for s in actual.sets}
+    if set(want) != set(have) or any(want[n].shape != have[n].shape for n in want):
+        return None
+    out = []
+    for item in desired.sets:
+        if item.dynamic:
+            continue  # dnsmasq's elements: never written nor removed by markrouted
+        delete, add = diff_elements(item.elements, have[item.name].elements)
+        if delete or add:
+            out.append(SetElements(item.name, item.version, delete, add))
+    return tuple(out)
 
 
 def diff_nft(desired: NftTable | None, actual: NftTable | None) -> NftUpdate:
@@ -21,12 +53,15 @@ def diff_nft(desired: NftTable | None, actual: NftTable | None) -> NftUpdate:
     have = {c.name: c for c in actual.chains}
     if set(want) != set(have) or any(want[n].base != have[n].base for n in want):
         return NftUpdate(replace=True)
+    elements = diff_sets(desired, actual)
+    if elements is None:
+        return NftUpdate(replace=True)
     changed = [c for c in desired.chains if c.fingerprint != have[c.name].fingerprint]
     if not all(c.raw_refillable for c in changed):
         # a refill is one raw nf_tables batch, for the small pick_N vocabulary
         # only; any other changed chain is written by replacing the table
         return NftUpdate(replace=True)
-    return NftUpdate(chains=tuple(c.name for c in changed))
+    return NftUpdate(chains=tuple(c.name for c in changed), elements=elements)
 
 
 def diff_routes(

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .config import Config, Policy
+from .config import AddressSet, Config, IPNetwork, Policy, SetRef
 from .model import IP_PROTOCOLS, PORT_PROTOCOLS
+from .sets import contains, nft_names
+
+#: addresses dnsmasq holds now, by nft set name (``NAME_dns_v4``...); read from the kernel by the caller
+DnsHeld = Mapping[str, frozenset[int]]
 
 PROTOS = {**IP_PROTOCOLS, "ipv6-icmp": 58}  # and the name nft prints for icmpv6
 WITH_PORTS = PORT_PROTOCOLS
@@ -47,7 +52,30 @@ def _in_ranges(value: int | None, ranges: tuple[tuple[int, int], ...]) -> bool:
     return value is not None and any(lo <= value <= hi for lo, hi in ranges)
 
 
-def matches(policy: Policy, pkt: Packet, uplink_interfaces: frozenset[str] = frozenset()) -> bool:
+def address_match(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    nets: Sequence[IPNetwork], refs: Sequence[SetRef],
+    sets: Mapping[str, AddressSet], dns: DnsHeld,
+) -> str | None:
+    """What of a daddr/saddr list ``address`` is in: ``"listed"``, ``"set NAME"``, ``"set NAME (dnsmasq)"``, or None."""
+    if any(address in n for n in nets if n.version == address.version):
+        return "listed"
+    value = int(address)
+    for ref in refs:
+        found = sets.get(ref.name)
+        if found is None:
+            continue
+        if contains(found.intervals(address.version), value):
+            return f"set {ref.name}"
+        if value in dns.get(nft_names(ref.name)[f"dns_v{address.version}"], frozenset()):
+            return f"set {ref.name} (added by dnsmasq)"
+    return None
+
+
+def matches(
+    policy: Policy, pkt: Packet, uplink_interfaces: frozenset[str] = frozenset(),
+    sets: Mapping[str, AddressSet] | None = None, dns: DnsHeld | None = None,
+) -> bool:
     if pkt.iif is not None and pkt.iif in uplink_interfaces:
         return False  # inbound on an uplink: it keeps that uplink (see derive)
     if pkt.family not in policy.families:
@@ -65,10 +93,12 @@ def matches(policy: Policy, pkt: Packet, uplink_interfaces: frozenset[str] = fro
         return False
     if policy.sport and not _in_ranges(pkt.sport, policy.sport):
         return False
-    if policy.daddr and not any(pkt.daddr in n for n in policy.daddr if n.version == pkt.daddr.version):
+    sets, dns = sets or {}, dns or {}
+    if (policy.daddr or policy.daddr_sets) and address_match(
+            pkt.daddr, policy.daddr, policy.daddr_sets, sets, dns) is None:
         return False
-    if policy.saddr:
-        if pkt.saddr is None or not any(pkt.saddr in n for n in policy.saddr if n.version == pkt.saddr.version):
+    if policy.saddr or policy.saddr_sets:
+        if pkt.saddr is None or address_match(pkt.saddr, policy.saddr, policy.saddr_sets, sets, dns) is None:
             return False
     if policy.uid and not _in_ranges(pkt.uid, policy.uid):
         return False
@@ -79,16 +109,19 @@ def matches(policy: Policy, pkt: Packet, uplink_interfaces: frozenset[str] = fro
     return True
 
 
-def classify(config: Config, pkt: Packet, cgroups: frozenset[str] | None = None) -> Policy | None:
+def classify(
+    config: Config, pkt: Packet, cgroups: frozenset[str] | None = None, dns: DnsHeld | None = None
+) -> Policy | None:
     """The first policy matching ``pkt``.
 
     ``cgroups``: the cgroup paths that exist now (None: assume all do); a
     policy naming one that does not has no rule in the kernel (see derive).
     """
     uplink_ifs = frozenset(u.interface for u in config.uplinks)
+    sets = {s.name: s for s in config.sets}
     for policy in config.policies:
         if cgroups is not None and policy.cgroup and policy.cgroup.strip("/") not in cgroups:
             continue
-        if matches(policy, pkt, uplink_ifs):
+        if matches(policy, pkt, uplink_ifs, sets, dns):
             return policy
     return None

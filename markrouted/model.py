@@ -12,6 +12,7 @@ duplicate rules other tools accumulate across restarts.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import json
 import socket
 from collections.abc import Mapping
@@ -381,9 +382,97 @@ class NftChain:
         return (self.base, tuple(r.comment for r in self.rules))
 
 
+#: A set element as an inclusive range of addresses (integers of the set's family).
+Interval: TypeAlias = tuple[int, int]
+
+
+def _address_text(value: int, version: int) -> str:
+    """An address as ipaddress prints it (IPv6 compressed): for people."""
+    return str(ipaddress.IPv4Address(value) if version == 4 else ipaddress.IPv6Address(value))
+
+
+def _address_raw(value: int, version: int) -> str:
+    """An address in a form nft reads (IPv6 uncompressed): five times faster, for 100,000 elements."""
+    if version == 4:
+        return f"{value >> 24}.{value >> 16 & 255}.{value >> 8 & 255}.{value & 255}"
+    return ":".join([f"{value >> shift & 0xFFFF:x}" for shift in (112, 96, 80, 64, 48, 32, 16, 0)])
+
+
+def interval_text(lo: int, hi: int, version: int, fast: bool = False) -> str:
+    """One interval in nft's syntax: an address, a prefix, or ``a-b`` (``fast``: IPv6 uncompressed)."""
+    show = _address_raw if fast else _address_text
+    size = hi - lo + 1
+    if lo == hi:
+        return show(lo, version)
+    if size & (size - 1) == 0 and lo & (size - 1) == 0:
+        bits = 32 if version == 4 else 128
+        return f"{show(lo, version)}/{bits - size.bit_length() + 1}"
+    return f"{show(lo, version)}-{show(hi, version)}"
+
+
+@dataclass(frozen=True)
+class NftSet:
+    """A named set of addresses in the table (``[sets.NAME]``, one per family).
+
+    A static set (``flags interval``) holds merged, sorted, disjoint
+    ``elements``; its elements are written by the "set elements" update
+    without touching anything else. A dynamic set (``dynamic``: filled by
+    dnsmasq, ``flags timeout``) is declared by markrouted but its elements are
+    never written nor removed by it: ``elements`` is always empty there.
+    """
+
+    name: str
+    version: int  # 4 or 6
+    elements: tuple[Interval, ...] = ()
+    dynamic: bool = False
+    timeout: int = 0  # seconds, dynamic sets only
+
+    @property
+    def shape(self) -> tuple[str, int, bool, int]:
+        """What only a replace can change: the set's declaration."""
+        return (self.name, self.version, self.dynamic, self.timeout)
+
+    @property
+    def type(self) -> str:
+        return "ipv4_addr" if self.version == 4 else "ipv6_addr"
+
+    def element_texts(self, elements: Iterable[Interval] | None = None, fast: bool = False) -> list[str]:
+        version = self.version
+        return [interval_text(lo, hi, version, fast) for lo, hi in (self.elements if elements is None else elements)]
+
+    def text(self) -> list[str]:
+        lines = [f"\tset {self.name} {{", f"\t\ttype {self.type}"]
+        if self.dynamic:
+            lines.append(f"\t\tflags timeout\n\t\ttimeout {self.timeout}s")
+        else:
+            lines.append("\t\tflags interval\n\t\tauto-merge")
+            if self.elements:
+                lines.append("\t\telements = { " + ", ".join(self.element_texts(fast=True)) + " }")
+        lines.append("\t}")
+        return lines
+
+
+@dataclass(frozen=True)
+class SetElements:
+    """The "set elements" update of one static set: intervals to delete, then to add."""
+
+    name: str
+    version: int
+    delete: tuple[Interval, ...] = ()
+    add: tuple[Interval, ...] = ()
+
+
 @dataclass(frozen=True)
 class NftTable:
     chains: tuple[NftChain, ...]
+    #: named sets, declared before the chains that refer to them
+    sets: tuple[NftSet, ...] = ()
+
+    def set(self, name: str) -> NftSet | None:
+        for item in self.sets:
+            if item.name == name:
+                return item
+        return None
 
     def chain(self, name: str) -> NftChain | None:
         for chain in self.chains:
@@ -394,6 +483,8 @@ class NftTable:
     def text(self) -> str:
         """The table in nft's own syntax, as ``nft list table`` would show it."""
         lines = [f"table {NFT_FAMILY} {NFT_TABLE} {{"]
+        for item in self.sets:
+            lines.extend(item.text())
         for chain in self.chains:
             lines.append(f"\tchain {chain.name} {{")
             if chain.base:
@@ -479,10 +570,12 @@ class NftUpdate:
     replace: bool = False
     chains: tuple[str, ...] = ()
     remove: bool = False
+    #: static sets whose elements change, in one transaction of their own
+    elements: tuple[SetElements, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not (self.replace or self.chains or self.remove)
+        return not (self.replace or self.chains or self.remove or self.elements)
 
 
 @dataclass(frozen=True)
@@ -523,7 +616,14 @@ class Plan:
         elif self.nft.replace and self.nft_desired is not None:
             out.append(f"+ nft table {NFT_FAMILY} {NFT_TABLE} (replaced in one transaction):")
             out.extend("    " + line for line in self.nft_desired.text().splitlines())
-        elif self.nft.chains and self.nft_desired is not None:
+        else:
+            for change in self.nft.elements:
+                shown = NftSet(change.name, change.version)
+                for text in shown.element_texts(change.add):
+                    out.append(f"+ nft element {NFT_FAMILY} {NFT_TABLE} {change.name} {{ {text} }}")
+                for text in shown.element_texts(change.delete):
+                    out.append(f"- nft element {NFT_FAMILY} {NFT_TABLE} {change.name} {{ {text} }}")
+        if self.nft.chains and not (self.nft.replace or self.nft.remove) and self.nft_desired is not None:
             for name in self.nft.chains:
                 chain = self.nft_desired.chain(name)
                 out.append(f"~ nft chain {NFT_FAMILY} {NFT_TABLE} {name} (refilled):")

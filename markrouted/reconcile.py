@@ -102,8 +102,12 @@ def apply_plan(plan: Plan, kernel: KernelAPI, log: Any) -> int:
                 log.info("nft table replaced", object="table inet markrouted",
                          reason="missing or its structure differs", kind="nft")
             else:
-                log.info("nft chains refilled", object=", ".join(plan.nft.chains),
-                         reason="rules differ", kind="nft")
+                for change in plan.nft.elements:
+                    log.info("nft set elements changed", object=change.name, added=len(change.add),
+                             deleted=len(change.delete), reason="the set's addresses differ", kind="nft")
+                if plan.nft.chains:
+                    log.info("nft chains refilled", object=", ".join(plan.nft.chains),
+                             reason="rules differ", kind="nft")
     for rule in plan.rules_remove:
         if attempt(kernel.del_rule, rule):
             log.info("rule removed", object=str(rule), reason="not desired", kind="rule")

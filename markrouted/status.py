@@ -35,6 +35,23 @@ def _policies(desired: DesiredState) -> dict[str, Any]:
     }
 
 
+def sets_document(desired: DesiredState) -> dict[str, Any]:
+    """Each named nft set: its family, and its element count (static) or null (dnsmasq's, read live)."""
+    assert desired.nft is not None
+    return {
+        s.name: {"family": f"ipv{s.version}", "dnsmasq": s.dynamic,
+                 "elements": None if s.dynamic else len(s.elements)}
+        for s in desired.nft.sets
+    }
+
+
+def with_dnsmasq_counts(doc: dict[str, Any], held: Mapping[str, int]) -> None:
+    """Fill in how many addresses dnsmasq holds now in each domain set (read from the kernel)."""
+    for name, item in (doc.get("sets") or {}).items():
+        if item.get("dnsmasq") and name in held:
+            item["elements"] = held[name]
+
+
 def document(desired: DesiredState, in_sync: bool, with_policies: bool = True, **extra: Any) -> dict[str, Any]:
     doc: dict[str, Any] = {
         "in_sync": in_sync,
@@ -52,6 +69,8 @@ def document(desired: DesiredState, in_sync: bool, with_policies: bool = True, *
             for u in desired.uplinks
         },
     }
+    if desired.nft is not None and desired.nft.sets:
+        doc["sets"] = sets_document(desired)
     if with_policies:
         doc["policies"] = _policies(desired)
     doc.update(extra)
@@ -189,6 +208,15 @@ def render(doc: Mapping[str, Any]) -> str:
             for target, t in (h.get("targets") or {}).items():
                 result = f"{t['rtt_ms']} ms" if t.get("ok") else f"failed: {t.get('error') or 'no answer'}"
                 lines.append(f"    {target}: {result}{_target_figures(t)}")
+    sets = doc.get("sets") or {}
+    if sets:
+        rows = [["SET", "FAMILY", "ELEMENTS", "FILLED BY"]]
+        for name, item in sets.items():
+            count = item.get("elements")
+            rows.append([name, str(item.get("family", "")), "?" if count is None else str(count),
+                         "dnsmasq (domains)" if item.get("dnsmasq") else "addresses and files (merged intervals)"])
+        lines.append("")
+        lines.extend(_table(rows))
     policies = doc.get("policies", {})
     if policies:
         rows = [["POLICY", "CARRIED BY", "FALLBACK"]]

@@ -211,6 +211,14 @@ class FakeKernel:
             return
         if self.nft is None:
             raise KernelError("refill chains: No such file or directory (no table)", errno.ENOENT)
+        sets = self.nft.sets
+        for change in update.elements:
+            old = self.nft.set(change.name)
+            if old is None or not set(change.delete) <= set(old.elements):
+                raise KernelError(f"set elements {change.name}: No such file or directory", errno.ENOENT)
+            kept = set(old.elements) - set(change.delete) | set(change.add)
+            sets = tuple(dataclasses.replace(s, elements=tuple(sorted(kept))) if s.name == change.name else s
+                         for s in sets)
         have = {c.name: c for c in self.nft.chains}
         for name in update.chains:
             want = desired.chain(name)
@@ -222,7 +230,7 @@ class FakeKernel:
         for chain in self.nft.chains:
             want = desired.chain(chain.name) if chain.name in update.chains else None
             chains.append(dataclasses.replace(chain, rules=want.rules) if want else chain)
-        self.nft = NftTable(tuple(chains))
+        self.nft = NftTable(tuple(chains), sets)
 
     def clear_conntrack(self, mark: int, mask: int) -> None:
         self._write("clear_conntrack", (mark, mask))

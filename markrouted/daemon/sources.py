@@ -27,6 +27,8 @@ from .inotify import ConfigWatch
 STATUS_REFRESH = 1.0
 #: editors write a file in several steps; reload once they are done
 RELOAD_DEBOUNCE = 0.2
+#: set files are mostly written by programs in one go: a short debounce keeps an edit's delay low
+SET_DEBOUNCE = 0.02
 
 
 class Sink(Protocol):
@@ -155,6 +157,67 @@ class ConfigFile(Source):
             self.watch = None
 
 
+class SetFiles(Source):
+    """inotify on the set files of ``[sets.NAME]``: a saved change reloads the config.
+
+    A reload whose only change is a set's addresses writes only that set's
+    elements (the "set elements" update). The debounce is shorter than the
+    config file's: a set file is usually written by a program, in one go.
+    A file that became unreadable or malformed makes the reload refused, so
+    the running config, and with it the set's last good elements, is kept.
+    """
+
+    def __init__(self) -> None:
+        self.watches: dict[str, ConfigWatch] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.sink: Sink | None = None
+        self.pending: set[str] = set()
+
+    async def start(self, sink: Sink) -> None:
+        self.sink = sink
+
+    def follow(self, config: Config) -> None:
+        wanted = {path for item in config.sets for path in item.files}
+        for path in set(self.watches) - wanted:
+            self._unwatch(path)
+        for path in wanted - set(self.watches):
+            try:
+                watch = ConfigWatch(path)
+            except OSError as exc:
+                if self.sink is not None:
+                    self.sink.log.warning("set file not watched; reload with SIGHUP", file=path, error=str(exc))
+                continue
+            self.watches[path] = watch
+            asyncio.get_running_loop().add_reader(watch.fd, self._readable, path)
+
+    def _readable(self, path: str) -> None:
+        assert self.sink is not None
+        if not self.watches[path].changed():
+            return
+        self.pending.add(path)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(SET_DEBOUNCE, self._fire)
+
+    def _fire(self) -> None:
+        assert self.sink is not None
+        self.timer = None
+        names = ", ".join(sorted(self.pending))
+        self.pending.clear()
+        self.sink.reload(f"set file changed: {names}")
+
+    def _unwatch(self, path: str) -> None:
+        watch = self.watches.pop(path)
+        asyncio.get_running_loop().remove_reader(watch.fd)
+        watch.close()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        for path in list(self.watches):
+            self._unwatch(path)
+
+
 class _Periodic(Source):
     """A task that calls ``tick`` every ``period()`` seconds until closed."""
 
@@ -234,7 +297,7 @@ class HealthFeed:
 
 def default_sources(config_path: str, watchdog: float | None) -> list[Source]:
     """The sources of a real daemon, in the order they are started."""
-    sources: list[Source] = [Signals(), Netlink(), ConfigFile(config_path), Resync()]
+    sources: list[Source] = [Signals(), Netlink(), ConfigFile(config_path), SetFiles(), Resync()]
     if watchdog:
         sources.append(Watchdog(watchdog))
     return sources

@@ -107,6 +107,18 @@ def parse_rtnl(data: bytes, interest: Interest) -> list[Event]:
     return out
 
 
+NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM, NFTA_SET_ELEM_LIST_SET = 12, 14, 2
+
+
+def dnsmasq_elements(kind: int, attrs: dict[int, bytes]) -> bool:
+    """An element added to or removed from a set only dnsmasq writes (``NAME_dns_v4``/``_v6``):
+    nothing markrouted desires changed, so no pass is due (docs/design.md, destination sets)."""
+    if kind not in (NFT_MSG_NEWSETELEM, NFT_MSG_DELSETELEM):
+        return False
+    name = attrs.get(NFTA_SET_ELEM_LIST_SET, b"").rstrip(b"\0")
+    return name.endswith((b"_dns_v4", b"_dns_v6"))
+
+
 @dataclass
 class NftWatch:
     """Follows nf_tables transactions; reports those that touched our table and were not ours.
@@ -146,7 +158,7 @@ class NftWatch:
                     out.append(Event("nft", f"table inet {NFT_TABLE} changed by {who}"))
                 self.touched = False
                 continue
-            if concerns(family, attrs.get(NFTA_TABLE_NAME, b"")):
+            if concerns(family, attrs.get(NFTA_TABLE_NAME, b"")) and not dnsmasq_elements(kind, attrs):
                 self.touched = True
         return out
 

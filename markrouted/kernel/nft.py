@@ -16,13 +16,38 @@ transaction that happens entirely or not at all:
   not the table, and skips libnftables' fetch of the whole table. The diff
   asks for a refill only when every changed chain is in the raw vocabulary
   (``NftChain.raw_refillable``), otherwise for a replace;
+* set elements (``NftUpdate.elements``): the elements of a few static named
+  sets changed, in one transaction, every delete before every add: a raw
+  nf_tables batch (``nftraw``; libnftables would first fetch every element
+  of the set, 1.3 s for 100,000 prefixes), or for more than
+  ``RAW_ELEMENTS_MAX`` changed intervals one libnftables script. No chain,
+  counter or other set is touched, so a set file's edit is a handful of
+  element messages in ``nft monitor``. The element diff is
+  ``diff.diff_elements`` on merged intervals;
 * remove (``NftUpdate.remove``): ``add table; delete table`` through libnftables.
+
+The dynamic sets dnsmasq fills (``NftSet.dynamic``) are declared by
+markrouted but their elements are never written nor removed by it: a replace
+lists them just before (``NftDumper.timed``) and adds them back, each with
+the time it had left, in the same transaction. An element dnsmasq adds
+between that listing and the commit is lost until its next answer.
 
 Reading is done by ``nftdump`` (two kernel-filtered nfnetlink dumps decoded
 with struct): libnftables lists a table only by fetching and decoding all of
 it, set elements included — hundreds of milliseconds for 2,500 rules. Drift
 detection compares chains by their hook and the comments of their rules; each
 comment carries a digest of the rule (see ``model.NftRule``).
+
+Set elements have a cache of their own: a static set of 100,000 prefixes is
+200,000 kernel elements, far too many to dump on every pass, and dnsmasq's
+additions move the generation id all day. The elements of a static set are
+dumped only when the set's handle is new to the cache (it was created or
+re-created by someone), otherwise taken from the cache, which each of our own
+successful writes updates when the generation id proves that no one else
+committed in between (and empties otherwise, or when a write fails). An
+element added or removed by hand inside a static set is therefore put right
+when that set's desired elements next change, or by ``markrouted apply``
+(which starts with an empty cache), not by every pass.
 
 The one cache, and why the kernel proves it valid: the kernel counts
 nf_tables transactions in a per-namespace generation id, bumped by exactly
@@ -44,7 +69,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..model import NFT_FAMILY, NFT_TABLE, NftChain, NftTable, NftUpdate
+from ..model import NFT_FAMILY, NFT_TABLE, Interval, NftChain, NftSet, NftTable, NftUpdate, SetElements
 from .errors import KernelError, Unsupported, denied
 from .nl import NFPROTO_INET
 from .nftdump import NftDumper
@@ -54,6 +79,8 @@ _TABLE = f"{NFT_FAMILY} {NFT_TABLE}"
 #: the add before the delete makes the delete succeed whether or not the table exists
 _DELETE = f"add table {_TABLE}\ndelete table {_TABLE}\n"
 _GEN_MOD = 1 << 32
+#: up to this many changed intervals, the raw batch; more (a set rewritten), one libnftables script
+RAW_ELEMENTS_MAX = 20_000
 
 
 def _load_binding() -> Any:
@@ -107,6 +134,32 @@ def replace_script(table: NftTable) -> str:
     return _DELETE + table.text() + "\n"
 
 
+def elements_script(changes: tuple[SetElements, ...]) -> str:
+    """The "set elements" transaction: every delete, then every add."""
+    lines = []
+    for change in changes:
+        if change.delete:
+            texts = NftSet(change.name, change.version).element_texts(change.delete)
+            lines.append(f"delete element {_TABLE} {change.name} {{ {', '.join(texts)} }}")
+    for change in changes:
+        if change.add:
+            texts = NftSet(change.name, change.version).element_texts(change.add)
+            lines.append(f"add element {_TABLE} {change.name} {{ {', '.join(texts)} }}")
+    return "\n".join(lines) + "\n"
+
+
+def carried_script(name: str, version: int, timed: list[tuple[int, int, int]]) -> str:
+    """``add element`` of a dynamic set's elements, each with the time it had left."""
+    if not timed:
+        return ""
+    shown = NftSet(name, version)
+    texts = []
+    for value, _width, left_ms in timed:
+        text = shown.element_texts([(value, value)])[0]
+        texts.append(f"{text} timeout {max(1, -(-left_ms // 1000))}s" if left_ms else text)
+    return f"add element {_TABLE} {name} {{ {', '.join(texts)} }}\n"
+
+
 def refilled(table: NftTable | None, desired: NftTable, names: tuple[str, ...]) -> NftTable | None:
     """``table`` with the rules of chains ``names`` taken from ``desired`` (None if any is missing)."""
     if table is None:
@@ -120,6 +173,13 @@ def refilled(table: NftTable | None, desired: NftTable, names: tuple[str, ...]) 
 
 
 class Nft:
+    """The table ``inet markrouted``: its reading, its three kinds of write, its removal.
+
+    Longer than the other kernel classes on purpose (size: the generation-proven
+    cache of the listing and of static set elements is only sound if the reads
+    and every write that updates it stay in one place; see the module doc).
+    """
+
     def __init__(self) -> None:
         if lacks_net_admin():
             raise denied("nftables")
@@ -130,6 +190,8 @@ class Nft:
         self._raw: RawRefill | None = None
         #: (generation id, the table as it is in that generation); see the module doc
         self._listing: tuple[int, NftTable | None] | None = None
+        #: static set name -> (its handle, its elements); see the module doc
+        self._elements: dict[str, tuple[int, tuple[Interval, ...]]] = {}
 
     def close(self) -> None:
         if self._dumper is not None:
@@ -152,10 +214,39 @@ class Nft:
             return self._listing[1]
         assert self._dumper is not None  # opened by generation()
         table = self._dumper.read(NFT_TABLE)
+        if table is not None and table.sets:
+            table = NftTable(table.chains, tuple(self._with_elements(s) for s in table.sets))
         # remembered only when no transaction slipped in while listing
         stable = gen is not None and self.generation() == gen
         self._listing = (gen, table) if stable and gen is not None else None
         return table
+
+    def _with_elements(self, item: NftSet) -> NftSet:
+        """A static set with its elements: from the cache while its handle is the same, else dumped."""
+        assert self._dumper is not None
+        if item.dynamic:
+            return item
+        handle = self._dumper.handles.get(item.name, 0)
+        cached = self._elements.get(item.name)
+        if cached is None or cached[0] != handle:
+            elements, _count = self._dumper.elements(item.name)
+            cached = (handle, tuple(elements))
+            self._elements[item.name] = cached
+        return NftSet(item.name, item.version, cached[1], item.dynamic, item.timeout)
+
+    def set_sizes(self) -> dict[str, int]:
+        """Each named set's element count as the kernel holds it (intervals of a static set)."""
+        if self._dumper is None:
+            self._dumper = NftDumper()
+        out: dict[str, int] = {}
+        try:
+            found = self._dumper.sets(NFT_TABLE)
+        except KernelError:
+            return out
+        for item, _handle in found:
+            elements, count = self._dumper.elements(item.name, not item.dynamic)
+            out[item.name] = count if item.dynamic else len(elements)
+        return out
 
     def ruleset(self) -> dict[str, Any]:
         """The whole ruleset as libnftables' JSON (for the collision checks)."""
@@ -179,24 +270,92 @@ class Nft:
             return
         before = self._listing
         self._listing = None  # whatever happens next, unproven until the kernel says so
-        after: NftTable | None
+        start = self.generation()
+        try:
+            after, commits = self._write(update, desired, before)
+        except BaseException:
+            self._elements.clear()
+            raise
+        gen = self.generation()
+        expected = start
+        for _ in range(commits):
+            expected = next_generation(expected) if expected is not None else None
+        proven = start is not None and gen is not None and gen == expected
+        self._remember_elements(update, desired, proven)
+        if after is None and not (update.remove or desired is None):
+            return
+        if proven and before is not None and before[0] == start and gen is not None:
+            self._listing = (gen, after)
+
+    def _write(
+        self, update: NftUpdate, desired: NftTable | None, before: tuple[int, NftTable | None] | None
+    ) -> tuple[NftTable | None, int]:
+        """Carry out the update; (the table after it, as far as known; how many commits it made)."""
         if update.remove or desired is None:
             self._script(_DELETE, f"delete table {_TABLE}")
-            after = None
-        elif update.replace:
-            self._script(replace_script(desired), f"replace table {_TABLE}")
-            after = desired
-        else:
+            return None, 1
+        if update.replace:
+            self._script(replace_script(desired) + self._carried(desired), f"replace table {_TABLE}")
+            return desired, 1
+        commits = 0
+        known = before[1] if before is not None else None
+        if update.elements:
+            if sum(len(c.add) + len(c.delete) for c in update.elements) <= RAW_ELEMENTS_MAX:
+                if self._raw is None:
+                    self._raw = RawRefill()
+                self._raw.set_elements(update.elements)
+            else:
+                self._script(elements_script(update.elements), "set elements")
+            commits += 1
+            known = NftTable(known.chains, desired.sets) if known is not None else None
+        if update.chains:
             chains = [c for c in (desired.chain(name) for name in update.chains) if c is not None]
             if self._raw is None:
                 self._raw = RawRefill()
             self._raw.refill(chains)
-            after = refilled(before[1], desired, update.chains) if before is not None else None
-            if after is None:
+            commits += 1
+            known = refilled(known, desired, update.chains)
+        return known, commits
+
+    def _carried(self, desired: NftTable) -> str:
+        """The dynamic sets' elements now in the kernel, to add back in a replace (see the module doc)."""
+        wanted = [s for s in desired.sets if s.dynamic]
+        if not wanted:
+            return ""
+        if self._dumper is None:
+            self._dumper = NftDumper()
+        try:
+            have = {s.name: s for s, _handle in self._dumper.sets(NFT_TABLE)}
+        except KernelError:
+            return ""  # no table yet
+        script = ""
+        for item in wanted:
+            old = have.get(item.name)
+            if old is not None and old.dynamic and old.version == item.version:
+                script += carried_script(item.name, item.version, self._dumper.timed(item.name))
+        return script
+
+    def _remember_elements(self, update: NftUpdate, desired: NftTable | None, proven: bool) -> None:
+        """After a write: the static sets' elements are the desired ones (when proven), see the module doc."""
+        if not proven or desired is None or update.remove:
+            self._elements.clear()
+            return
+        if update.replace:
+            if not any(not s.dynamic for s in desired.sets):
+                self._elements.clear()
                 return
-        gen = self.generation()
-        if before is not None and gen is not None and gen == next_generation(before[0]):
-            self._listing = (gen, after)
+            assert self._dumper is not None  # opened by generation()
+            handles = {s.name: h for s, h in self._dumper.sets(NFT_TABLE)}
+            self._elements = {s.name: (handles[s.name], s.elements)
+                              for s in desired.sets if not s.dynamic and s.name in handles}
+            return
+        for change in update.elements:
+            item = desired.set(change.name)
+            cached = self._elements.get(change.name)
+            if item is None or cached is None:
+                self._elements.pop(change.name, None)
+            else:
+                self._elements[change.name] = (cached[0], item.elements)
 
     def _script(self, script: str, what: str) -> None:
         """One transaction in nft's own syntax."""

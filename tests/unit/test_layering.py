@@ -53,6 +53,7 @@ LEVELS: Mapping[str, int] = {
     "markrouted": 0,  # the version string
     "markrouted.model": 0,
     "markrouted.text": 0,  # quoting user text for messages
+    "markrouted.sets": 0,  # set files: parsing, merging prefixes (imports nothing of markrouted)
     "markrouted.config": 1,
     "markrouted.nftexpr": 1,
     "markrouted.health": 2,

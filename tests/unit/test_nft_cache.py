@@ -89,7 +89,7 @@ def world() -> tuple[Namespace, Nft, Binding]:
     ns = Namespace()
     nft: Any = Nft.__new__(Nft)
     binding = Binding(ns)
-    nft.nft, nft._dumper, nft._raw, nft._listing = binding, Dumper(ns), Raw(ns), None
+    nft.nft, nft._dumper, nft._raw, nft._listing, nft._elements = binding, Dumper(ns), Raw(ns), None, {}
     return ns, nft, binding
 
 
