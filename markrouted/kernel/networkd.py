@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 CONF_FILES = ["/usr/lib/systemd/networkd.conf", "/etc/systemd/networkd.conf"]
 #: lowest priority first: a drop-in of the same name in a later directory masks the earlier one
@@ -46,16 +47,19 @@ def find_process(comm: str, proc: str = "/proc") -> str | None:
     return None
 
 
-def started_at(pid_dir: str, proc: str = "/proc") -> float | None:
-    """When the process started, in epoch seconds (None: cannot tell)."""
+def started_at(pid_dir: str) -> float | None:
+    """When the process started, in epoch seconds (None: cannot tell).
+
+    /proc/PID/stat gives the start in clock ticks of CLOCK_BOOTTIME; it is
+    turned into wall-clock time through the clocks' offset now (not the boot
+    time of /proc/stat, which is whole seconds and drifts with the wall clock).
+    """
     try:
         with open(os.path.join(pid_dir, "stat")) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open(os.path.join(proc, "stat")) as f:
-            btime = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError, StopIteration):
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
+    return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def networkd_running(proc: str = "/proc") -> bool:
@@ -96,4 +100,4 @@ def networkd_state(proc: str = "/proc") -> tuple[bool, list[tuple[str, str]], fl
     the arguments of ``collisions.networkd_findings``."""
     pid_dir = find_process("systemd-network", proc)
     files, changed = read_files(config_files())
-    return pid_dir is not None, files, None if pid_dir is None else started_at(pid_dir, proc), changed
+    return pid_dir is not None, files, None if pid_dir is None else started_at(pid_dir), changed
