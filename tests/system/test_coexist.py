@@ -435,6 +435,8 @@ def test_networkmanager_route_table_is_warned_about(container: Container, net: N
     """A profile with route-table keeps its default routes out of the main table: the uplink goes
     down (gateway = "auto" finds nothing) and check --kernel says why and what to do."""
     ct = container
+    use_networkmanager(ct, net)
+    running_markrouted(ct, net)
     use_networkmanager(ct, net, {"wan1": "route-table=300\n"})
     try:
         wait_status(ct, r"^1/2 uplinks up, 2 policies, in sync$")
