@@ -20,9 +20,10 @@ else removed or changed an object of markrouted's).
 
 from __future__ import annotations
 
-import json
-import re
+import os
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from conftest import missing  # the suite's root conftest
 from .nspawn import SUITES, Container, deb_relations, poll, rootfs_variant, run
 from .test_systemd import (AGENT, ISP_OF, POLL_DEADLINE, POLL_TIMEOUT, PROTO, PYTHON, SERVER4, SERVER6,
                            TWO_UPLINKS, events, wait_event, wait_status)
@@ -347,17 +349,21 @@ def test_networkd_with_the_shipped_dropin_deletes_nothing(container: Container, 
 # ------------------------------------------------------------------ NetworkManager
 
 
-def keyfile(name: str, extra: str = "") -> str:
-    """A connection profile for uplink ``name``; ``extra`` goes into its [ipv4] and [ipv6] sections."""
+def keyfile(name: str, extra: str = "", dhcp: bool = False) -> str:
+    """A connection profile for uplink ``name``, IPv4 static or by DHCP; ``extra`` goes into its
+    [ipv4] and [ipv6] sections."""
     a4, a6, g4, g6, metric = UPLINKS[name]
+    ipv4 = "method=auto" if dhcp else f"method=manual\naddress1={a4},{g4}"
     return (f"[connection]\nid={name}\ntype=ethernet\ninterface-name={name}\n\n"
-            f"[ipv4]\nmethod=manual\naddress1={a4},{g4}\nroute-metric={metric}\n{extra}\n"
+            f"[ipv4]\n{ipv4}\nroute-metric={metric}\n{extra}\n"
             f"[ipv6]\nmethod=manual\naddress1={a6},{g6}\nroute-metric={metric}\naddr-gen-mode=eui64\n{extra}")
 
 
-def use_networkmanager(ct: Container, net: Net, extra: dict[str, str] | None = None) -> None:
+def use_networkmanager(ct: Container, net: Net, extra: dict[str, str] | None = None,
+                       dhcp: tuple[str, ...] = ()) -> None:
     """NetworkManager configures both uplinks from keyfiles (static addresses and gateways,
-    metric 100 and 200); systemd-networkd stopped, and what it configured flushed."""
+    metric 100 and 200; ``dhcp``: these learn their IPv4 address and gateway by DHCP instead);
+    systemd-networkd stopped, and what it configured flushed."""
     if ct.show("systemd-networkd", "ActiveState") != "inactive":
         ct.sh("systemctl", "stop", "systemd-networkd.socket", "systemd-networkd")
         for name in UPLINKS:
@@ -365,7 +371,7 @@ def use_networkmanager(ct: Container, net: Net, extra: dict[str, str] | None = N
         ct.sh("rm", "-f", *(f"/etc/systemd/network/{n}.network" for n in UPLINKS))
     for name in UPLINKS:
         path = f"/etc/NetworkManager/system-connections/{name}.nmconnection"
-        ct.write(path, keyfile(name, (extra or {}).get(name, "")))
+        ct.write(path, keyfile(name, (extra or {}).get(name, ""), name in dhcp))
         ct.sh("chmod", "600", path)
     ct.sh("systemctl", "start", "NetworkManager")
     poll("NetworkManager to answer on D-Bus",
@@ -408,6 +414,53 @@ def test_networkmanager_failover_and_back(container: Container, net: Net) -> Non
     quiet = time.time()
     time.sleep(3)  # an observation window: a fight would show as writes in it
     assert events(ct, quiet) == []
+
+
+@pytest.fixture
+def dhcp_on_isp2(container: Container) -> Iterator[None]:
+    """A DHCP server (dnsmasq) on isp2's side of wan2 that leases 203.0.113.2 with router 203.0.113.1."""
+    if shutil.which("dnsmasq") is None:
+        missing("needs dnsmasq (scripts/install-deps --test installs dnsmasq-base)")
+    ns = f"{container.name}-isp2"
+    leases = tempfile.NamedTemporaryFile(prefix="markrouted-leases-", delete=False)
+    leases.close()
+    proc = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns}", "dnsmasq", "--keep-in-foreground",
+                             "--port=0", "--interface=cust", "--bind-interfaces", "--no-resolv", "--no-hosts",
+                             "--dhcp-range=203.0.113.2,203.0.113.2,255.255.255.0,10m",
+                             "--dhcp-option=option:router,203.0.113.1", f"--dhcp-leasefile={leases.name}",
+                             "--pid-file=", "--log-facility=-", "--conf-file=/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll("dnsmasq to listen", lambda: run(["nsenter", f"--net=/run/netns/{ns}", "ss", "-Hluan",
+                                               "sport = :67"]).stdout.strip() or proc.poll() is not None)
+        assert proc.poll() is None, "dnsmasq exited"
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        os.unlink(leases.name)
+
+
+def test_networkmanager_dhcp_gateway_is_followed(container: Container, net: Net, dhcp_on_isp2: None) -> None:
+    """wan2's IPv4 address and gateway learnt by NetworkManager's DHCP client: gateway = "auto"
+    follows the route it installs (proto dhcp, metric 200), away and back."""
+    ct = container
+    use_networkmanager(ct, net, dhcp=("wan2",))
+    try:
+        running_markrouted(ct, net)
+        routes = net.ip(ct.ns, "-4", "route", "show", "default", "dev", "wan2")
+        assert "via 203.0.113.1 proto dhcp" in routes and "metric 200" in routes, routes
+        assert "default via 203.0.113.1 dev wan2" in net.ip(ct.ns, "-4", "route", "show", "table", "102")
+        since = time.time()
+        ct.sh("nmcli", "connection", "down", "wan2")
+        wait_event(ct, since, MARKROUTED_EVENT="uplink down", MARKROUTED_UPLINK="wan2")
+        poll("web to fail over to wan1", lambda: net.connect(SERVER4, 80) == "isp1", POLL_DEADLINE)
+        ct.sh("nmcli", "--wait", "30", "connection", "up", "wan2", timeout=60)
+        wait_status(ct, IN_SYNC)
+        poll("web to return to wan2", net.follows_policies, POLL_DEADLINE)
+        assert markrouted_events(ct, since, "drift repaired") == []
+    finally:
+        use_networkmanager(ct, net)
 
 
 def test_networkmanager_networking_off_keeps_the_kill_switch(container: Container, net: Net) -> None:
