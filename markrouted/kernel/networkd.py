@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 import time
 
-CONF_FILES = ["/usr/lib/systemd/networkd.conf", "/etc/systemd/networkd.conf"]
-#: lowest priority first: a drop-in of the same name in a later directory masks the earlier one
+#: the main file: only the first that exists is read (systemd 257; 252 knows only /etc's)
+CONF_FILES = ["/etc/systemd/networkd.conf", "/run/systemd/networkd.conf", "/usr/local/lib/systemd/networkd.conf",
+              "/usr/lib/systemd/networkd.conf"]
+#: the drop-ins of every directory, applied by name (lowest priority first: a drop-in of the
+#: same name in a later directory masks the earlier one)
 DROPIN_DIRS = ["/usr/lib/systemd/networkd.conf.d", "/usr/local/lib/systemd/networkd.conf.d",
                "/run/systemd/networkd.conf.d", "/etc/systemd/networkd.conf.d"]
 MAX_BYTES = 1 << 20
@@ -69,7 +73,7 @@ def networkd_running(proc: str = "/proc") -> bool:
 
 def config_files(conf_files: list[str] | None = None, dropin_dirs: list[str] | None = None) -> list[str]:
     """networkd.conf and its drop-ins, in the order networkd applies them."""
-    files = list(CONF_FILES if conf_files is None else conf_files)
+    files = [p for p in CONF_FILES if os.path.exists(p)][:1] if conf_files is None else list(conf_files)
     dropins: dict[str, str] = {}
     for d in DROPIN_DIRS if dropin_dirs is None else dropin_dirs:
         for path in sorted(glob.glob(os.path.join(glob.escape(d), "*.conf"))):
@@ -78,18 +82,23 @@ def config_files(conf_files: list[str] | None = None, dropin_dirs: list[str] | N
 
 
 def read_files(paths: list[str]) -> tuple[list[tuple[str, str]], float | None]:
-    """(path, text) of each readable regular file, and the newest modification time among them."""
+    """(path, text) of each readable regular file (its first MAX_BYTES), and the newest
+    modification time among them. Opened without blocking: a FIFO in its place is skipped."""
     out: list[tuple[str, str]] = []
     newest: float | None = None
     for path in paths:
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not os.path.isfile(path):
-                    continue
-                data = f.read(MAX_BYTES)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             continue
+        with os.fdopen(fd, "rb") as f:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    continue
+                data = f.read(MAX_BYTES)
+            except OSError:
+                continue
         out.append((path, data.decode("utf-8", errors="replace")))
         newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
     return out, newest
