@@ -16,6 +16,11 @@ Policy "web" sends port 80 by wan2 first; everything else follows the main table
 What markrouted's objects went through is watched with ``ip monitor`` on the
 container's namespace and with markrouted's own journal ("drift repaired": someone
 else removed or changed an object of markrouted's).
+
+The container boots a cached variant of the release's root file system with
+NetworkManager and firewalld installed by apt (``nspawn.rootfs_variant``); both are
+disabled at boot, and each test starts the manager it is about. A DHCP server, where
+one is needed, is the host's dnsmasq run in an ISP's namespace.
 """
 
 from __future__ import annotations
