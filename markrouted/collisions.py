@@ -1,4 +1,5 @@
-"""Pure analysis for ``check --kernel``: who else uses markrouted's marks, tables, priorities.
+"""Pure analysis for ``check --kernel``: who else uses markrouted's marks, tables, priorities,
+and what systemd-networkd and NetworkManager, as configured, will do to its objects.
 
 Mark collisions are the first support issue of every tool in this field; they
 are found by reading the live ruleset, not by documenting them.
