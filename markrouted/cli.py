@@ -68,8 +68,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not args.kernel:
         print(f"{shown_path(args.config)}: valid ({len(config.uplinks)} uplinks, {len(config.policies)} policies)")
         return EXIT_OK
-    from .collisions import Finding, analyse
-    from .kernel.networkd import networkd_warnings
+    from .collisions import Finding, analyse, networkd_findings, nm_findings
+    from .kernel.networkd import networkd_state
+    from .kernel.nm import nm_state
 
     kernel = _kernel(args, need_nft=False)
     findings: list[Finding] = []
@@ -84,7 +85,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         findings.append(Finding("error", str(exc)))
         ruleset = {"nftables": []}
     findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), kernel.netlink.foreign_route_tables())
-    findings += [Finding("warning", text) for text in networkd_warnings()]
+    findings += networkd_findings(*networkd_state())
+    findings += nm_findings(config, *nm_state())
     for f in findings:
         print(escape(str(f)))  # foreign table and chain names are anyone's text
     errors = sum(1 for f in findings if f.severity == "error")

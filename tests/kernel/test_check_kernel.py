@@ -140,7 +140,8 @@ def _fake_networkd(ns: Any, tmp: str) -> subprocess.Popen[str]:
 @pytest.mark.parametrize("where", ["ours", "elsewhere"])
 def test_networkd_warning_is_about_our_namespace(host: Host, tmp_path: Any, where: str) -> None:
     """networkd only deletes rules in its own namespace: one elsewhere (a container's) is no threat."""
-    from markrouted.kernel.networkd import manages_foreign_rules
+    from markrouted.collisions import networkd_findings
+    from markrouted.kernel.networkd import config_files, read_files
 
     proc = _fake_networkd(host.ns if where == "ours" else host.peer, str(tmp_path))
     try:
@@ -149,5 +150,5 @@ def test_networkd_warning_is_about_our_namespace(host: Host, tmp_path: Any, wher
         proc.kill()
         proc.wait()
     about_networkd = [w for w in warnings if "networkd" in w]
-    expect = 1 if where == "ours" and manages_foreign_rules() else 0
+    expect = len(networkd_findings(True, read_files(config_files())[0])) if where == "ours" else 0
     assert len(about_networkd) == expect, warnings

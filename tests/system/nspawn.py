@@ -117,7 +117,8 @@ def rootfs(packages: Sequence[str], suite: str) -> str:
     """The cached minbase tree of ``suite`` with ``packages`` (made on first use; about a minute).
 
     One tree per release is kept: a stale tree of the same release is removed
-    when its package list changes, the other releases' trees stay.
+    when its package list changes, the other releases' trees stay (and so do
+    the variants of ``rootfs_variant``).
     """
     wanted = sorted(set(BASE_PACKAGES) | set(packages))
     key = hashlib.sha256("\n".join([HARNESS_VERSION, suite, *wanted]).encode()).hexdigest()[:16]
@@ -128,7 +129,7 @@ def rootfs(packages: Sequence[str], suite: str) -> str:
         if os.path.exists(os.path.join(path, ".complete")):
             return path
         for stale in glob.glob(os.path.join(CACHE, "rootfs-*")):
-            if release_of(stale) in (suite, None):
+            if "-" not in os.path.basename(stale)[len("rootfs-"):] and release_of(stale) in (suite, None):
                 shutil.rmtree(stale, ignore_errors=True)
         for partial in glob.glob(os.path.join(CACHE, "building-*")):
             shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run (we hold the lock)
@@ -143,6 +144,54 @@ def rootfs(packages: Sequence[str], suite: str) -> str:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if proc.returncode != 0:
                 raise RuntimeError(f"debootstrap {suite} failed:\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            with open(os.path.join(tmp, ".complete"), "w") as f:
+                f.write("\n".join(wanted) + "\n")
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return path
+
+
+def rootfs_variant(packages: Sequence[str], extra: Sequence[str], suite: str, variant: str) -> str:
+    """``rootfs(packages, suite)`` plus ``extra``, installed by apt from the host's mirror, cached as
+    ``variant`` (one tree per release and variant).
+
+    For packages debootstrap cannot configure on its own (polkitd, pulled in
+    by NetworkManager and firewalld): apt installs them in a copy of the base
+    tree, in a chroot with its own mount namespace, with services kept from
+    starting (policy-rc.d).
+    """
+    base = rootfs(packages, suite)
+    wanted = sorted(set(extra))
+    key = hashlib.sha256("\n".join([os.path.basename(base), variant, *wanted]).encode()).hexdigest()[:16]
+    prefix = f"rootfs-{variant}-"
+    path = os.path.join(CACHE, f"{prefix}{key}")
+    with open(os.path.join(CACHE, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if os.path.exists(os.path.join(path, ".complete")):
+            return path
+        for stale in glob.glob(os.path.join(CACHE, f"{prefix}*")):
+            if release_of(stale) in (suite, None):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = tempfile.mkdtemp(prefix="building-", dir=CACHE)
+        try:
+            run(["cp", "-a", f"{base}/.", tmp], timeout=600)
+            os.unlink(os.path.join(tmp, ".complete"))
+            shutil.copyfile("/etc/resolv.conf", os.path.join(tmp, "etc", "resolv.conf"))
+            with open(os.path.join(tmp, "usr", "sbin", "policy-rc.d"), "w") as f:
+                f.write("#!/bin/sh\nexit 101\n")
+            os.chmod(os.path.join(tmp, "usr", "sbin", "policy-rc.d"), 0o755)
+            script = ("mount -t proc proc \"$1/proc\" && chroot \"$1\" sh -c 'apt-get update -q && "
+                      f"apt-get install -y -q --no-install-recommends {' '.join(wanted)} && apt-get clean'")
+            proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", tmp],
+                                  capture_output=True, text=True, timeout=900,
+                                  env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8",
+                                       "DEBIAN_FRONTEND": "noninteractive"})
+            if proc.returncode != 0:
+                raise RuntimeError(f"apt-get install {' '.join(wanted)} in {suite} failed:\n"
+                                   f"{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
+            os.unlink(os.path.join(tmp, "usr", "sbin", "policy-rc.d"))
             with open(os.path.join(tmp, ".complete"), "w") as f:
                 f.write("\n".join(wanted) + "\n")
             os.rename(tmp, path)

@@ -1,4 +1,4 @@
-"""check --kernel's analysis: other users of the mark bits, tables and priorities; networkd.
+"""check --kernel's analysis: other users of the mark bits, tables and priorities.
 
 The rulesets are written the way ``nft -j list ruleset`` (nftables 1.0.6)
 prints them; each expression below was checked against its output for the
@@ -8,14 +8,12 @@ rule quoted next to it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pytest
 from test_derive import config
 
 from markrouted.collisions import Finding, analyse, mark_users
-from markrouted.kernel.networkd import manages_foreign_rules
 from markrouted.model import AF_INET, AF_INET6
 
 V4, V6 = AF_INET, AF_INET6
@@ -205,35 +203,3 @@ def test_rules_and_routes(rules: list[tuple[int, int, int, int, int]], routes: l
     assert rule_findings(rules, routes) == expected
 
 
-# ------------------------------------------------------------------ systemd-networkd
-
-
-def write(path: Path, text: str) -> str:
-    path.write_text(text)
-    return str(path)
-
-
-def test_networkd_default_is_to_manage_foreign_rules(tmp_path: Path) -> None:
-    assert manages_foreign_rules([]) is True
-    assert manages_foreign_rules([str(tmp_path / "missing.conf")]) is True
-    assert manages_foreign_rules([write(tmp_path / "networkd.conf", "[Network]\n#ManageForeignRoutingPolicyRules=no\n")]) is True
-
-
-@pytest.mark.parametrize("value", ["no", "false", "0", "off", "No", " no "])
-def test_dropin_no_wins(tmp_path: Path, value: str) -> None:
-    main = write(tmp_path / "networkd.conf", "[Network]\nSpeedMeter=no\n")
-    dropin = write(tmp_path / "markrouted.conf", f"[Network]\nManageForeignRoutingPolicyRules={value}\n")
-    assert manages_foreign_rules([main, dropin]) is False
-
-
-def test_later_file_overrides(tmp_path: Path) -> None:
-    no = write(tmp_path / "10-no.conf", "[Network]\nManageForeignRoutingPolicyRules=no\n")
-    yes = write(tmp_path / "20-yes.conf", "[Network]\nManageForeignRoutingPolicyRules=yes\n")
-    assert manages_foreign_rules([no, yes]) is True
-    assert manages_foreign_rules([yes, no]) is False
-
-
-def test_other_sections_and_broken_files_do_not_count(tmp_path: Path) -> None:
-    other = write(tmp_path / "a.conf", "[DHCPv4]\nManageForeignRoutingPolicyRules=no\n")
-    broken = write(tmp_path / "b.conf", "ManageForeignRoutingPolicyRules=no\n")  # no section header
-    assert manages_foreign_rules([other, broken]) is True
