@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import nftexpr as nx
 from .config import Config, Gateway, Policy, Uplink
@@ -56,6 +56,7 @@ from .model import (
     Needs,
     NftChain,
     NftRule,
+    NftSet,
     NftTable,
     Observed,
     PolicyStatus,
@@ -292,7 +293,7 @@ _L4_WITH_PORTS = nx.match(nx.meta("l4proto"), nx.anon_set([_proto(n) for n in L4
 _TH = {name: nx.payload("th", name) for name in ("sport", "dport")}
 _ADDRESS = {(family, name): nx.payload("ip" if family == AF_INET else "ip6", name)
             for family in FAMILIES for name in ("saddr", "daddr")}
-_NFPROTO = {family: nx.match(nx.meta("nfproto"), nx.word(family_name(family))) for family in FAMILIES}
+_NFPROTO: dict[int, nx.X] = {family: nx.match(nx.meta("nfproto"), nx.word(family_name(family))) for family in FAMILIES}
 
 
 def _policy_matches(
@@ -365,19 +366,24 @@ def _policy_matches(
 
 
 def _target_key(policy: Policy) -> tuple[object, ...]:
-    if policy.balance:
-        return ("balance", policy.balance, policy.fallback)
-    return ("uplinks", policy.uplinks, policy.fallback)
+    return ("tiers", policy.tier_list, policy.fallback)
+
+
+def _carrying(policy: Policy, usable: Mapping[str, tuple[int, ...]], family: int) -> int | None:
+    """The index of the first tier with a member usable for the family; None: no tier is."""
+    for index, tier in enumerate(policy.tier_list):
+        if any(family in usable.get(name, ()) for name, _ in tier):
+            return index
+    return None
 
 
 def _choose(policy: Policy, usable: Mapping[str, tuple[int, ...]], family: int) -> list[tuple[str, int]]:
-    """The uplinks (with weights) that carry new flows of this policy for a family."""
-    if policy.balance:
-        return [(name, w) for name, w in policy.balance if family in usable.get(name, ())]
-    for name in policy.uplinks:
-        if family in usable.get(name, ()):
-            return [(name, 1)]
-    return []
+    """The uplinks (with weights) that carry new flows of this policy for a family:
+    the usable members of the first tier that has any."""
+    index = _carrying(policy, usable, family)
+    if index is None:
+        return []
+    return [(name, w) for name, w in policy.tier_list[index] if family in usable.get(name, ())]
 
 
 def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[NftRule]:
@@ -410,6 +416,17 @@ def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[N
     return rules
 
 
+def _alive_rules(policy: Policy, uplink: str, usable: Mapping[str, tuple[int, ...]]) -> list[NftRule]:
+    """``alive_<pick>_<uplink>``: mark the flow for the uplink while it is among the policy's
+    current choices (per family), else nothing. Refilled raw on failover, like ``pick_N``."""
+    families = [f for f in FAMILIES if any(name == uplink for name, _ in _choose(policy, usable, f))]
+    if not families:
+        return []
+    if len(families) == len(FAMILIES):
+        return [_rule("alive", [nx.goto(f"set_{uplink}")])]
+    return [_rule("alive " + family_name(f), [_NFPROTO[f], nx.goto(f"set_{uplink}")]) for f in families]
+
+
 @dataclass(frozen=True)
 class StaticChains:
     """The chains that depend on the config alone (and on which cgroups exist).
@@ -423,6 +440,8 @@ class StaticChains:
     hooks: tuple[NftChain, ...]  # prerouting, output
     targets: Mapping[tuple[object, ...], str]  # policy target -> pick chain name
     first_policy: Mapping[str, Policy]  # pick chain name -> a policy with that target
+    alive: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # alive_ chain -> (pick chain, uplink)
+    sets: tuple[NftSet, ...] = ()  # the sticky sources' dynamic sets
 
 
 def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[str, int] | None = None) -> StaticChains:
@@ -444,6 +463,8 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
     targets: dict[tuple[object, ...], str] = {}
     first: dict[str, Policy] = {}
     for policy in config.policies:
+        if policy.action is not None:
+            continue  # a bypass: a verdict in the hook chains, no pick chain
         key = _target_key(policy)
         if key not in targets:
             name = f"pick_{len(targets)}"
@@ -470,12 +491,15 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
     # a policy's rules are the same objects in both hooks: rendered once
     by_hook: dict[str, list[NftRule]] = {hook: [] for hook in HOOKS}
     gotos = {name: nx.goto(name) for name in first}
+    alive: dict[str, tuple[str, str]] = {}
+    sets: list[NftSet] = []
+    values = {u.name: s.mark_value(u.mark) for u in config.uplinks}
     for policy in config.policies:
         in_hooks, splits = _policy_matches(policy, cgroup_prefix, cgroup_ids)
         if not in_hooks:
             continue
-        goto = gotos[targets[_target_key(policy)]]
-        rendered = [_rule(f"policy {policy.name}", [*parts, goto], salt) for parts, salt in splits]
+        tail = _policy_tail(policy, s.mark_mask, values, targets, gotos, chains, alive, sets)
+        rendered = [_rule(f"policy {policy.name}", [*parts, *tail], salt) for parts, salt in splits]
         for hook in in_hooks:
             by_hook[hook] += rendered
 
@@ -495,7 +519,81 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
         return NftChain(hook, base, tuple(rules))
 
     hooks = (hook_chain("prerouting"), hook_chain("output"))
-    return StaticChains(tuple(chains), hooks, targets, first)
+    return StaticChains(tuple(chains), hooks, targets, first, alive, tuple(sets))
+
+
+_SADDR: dict[int, nx.X] = {AF_INET: nx.payload("ip", "saddr"), AF_INET6: nx.payload("ip6", "saddr")}
+_SET_TYPE: dict[int, str] = {AF_INET: "ipv4_addr", AF_INET6: "ipv6_addr"}
+#: the most sources one sticky set remembers (per policy, uplink and family)
+STICKY_SET_SIZE = 65535
+
+
+def sticky_set_name(policy: Policy, uplink: str, family: int) -> str:
+    return f"sticky_{policy.index}_{uplink}_{4 if family == AF_INET else 6}"
+
+
+def _policy_tail(
+    policy: Policy,
+    mask: int,
+    values: Mapping[str, int],
+    targets: Mapping[tuple[object, ...], str],
+    gotos: Mapping[str, nx.X],
+    chains: list[NftChain],
+    alive: dict[str, tuple[str, str]],
+    sets: list[NftSet],
+) -> list[nx.X]:
+    """What a policy's rule does once it matched: a bypass verdict, or on to its uplinks.
+
+    ``action = "main"`` returns from the hook chain (the packet stays unmarked,
+    the main table routes it, no later policy sees it); ``"drop"`` drops it.
+    A migrating policy first sets its conntrack label bit, so its flows can be
+    told from other policies' flows on the same uplink. A sticky-source policy
+    goes through its own ``sticky_N`` chain (built here, once per config).
+    """
+    if policy.action is not None:
+        return [nx.verdict("return" if policy.action == "main" else "drop")]
+    tail: list[nx.X] = []
+    if policy.label is not None:
+        tail.append(nx.mangle(nx.ct("label"), nx.num(policy.label)))
+    pick = targets[_target_key(policy)]
+    if policy.sticky != "source":
+        return [*tail, gotos[pick]]
+    chains.append(_sticky_chain(policy, mask, values, pick, alive, sets))
+    return [*tail, nx.goto(f"sticky_{policy.index}")]
+
+
+def _sticky_chain(
+    policy: Policy, mask: int, values: Mapping[str, int], pick: str, alive: dict[str, tuple[str, str]], sets: list[NftSet]
+) -> NftChain:
+    """``sticky_N``: a source seen lately leaves by the same uplink, while that uplink carries the policy.
+
+    Per member uplink and family, a dynamic set of sources with the policy's
+    timeout. A source found in one jumps to ``alive_<pick>_<uplink>``, which
+    marks the flow only while that uplink is among the policy's current
+    choices (a one-rule chain refilled on failover, in the raw vocabulary), so
+    an entry pointing at a dead uplink is not obeyed. An unmarked flow then
+    picks by weight, and the chosen uplink's set learns (or refreshes) the
+    source: the packet path fills the sets, never the daemon.
+    """
+    timeout_ms = max(1000, int(round(policy.sticky_timeout * 1000)))
+    lookups: list[NftRule] = []
+    updates: list[NftRule] = []
+    mark = nx.band(nx.meta("mark"), mask)
+    for name in policy.members:
+        chain = f"alive_{pick}_{name}"
+        alive[chain] = (pick, name)
+        for family in policy.families:
+            set_name = sticky_set_name(policy, name, family)
+            body = (f"type {_SET_TYPE[family]}; flags dynamic,timeout; timeout {timeout_ms}ms; "
+                    f"size {STICKY_SET_SIZE};")
+            sets.append(NftSet(set_name, body))
+            lookups.append(_rule(f"sticky {policy.name} {name}",
+                                 [nx.match(_SADDR[family], nx.set_ref(set_name)), nx.jump(chain)], body))
+            updates.append(_rule(f"sticky {policy.name} learns {name}",
+                                 [_NFPROTO[family], nx.match(mark, nx.num(values[name], hexa=True)),
+                                  nx.set_update(set_name, _SADDR[family])], body))
+    choose = _rule(f"sticky {policy.name} new source", [nx.match(mark, nx.num(0)), nx.jump(pick)])
+    return NftChain(f"sticky_{policy.index}", None, (*lookups, choose, *updates))
 
 
 def derive_nft(
@@ -511,6 +609,8 @@ def derive_nft(
     chains: list[NftChain] = list(static.head)
     for name, policy in static.first_policy.items():
         chains.append(NftChain(name, None, tuple(_pick_rules(policy, usable))))
+    for name, (pick, uplink) in static.alive.items():
+        chains.append(NftChain(name, None, tuple(_alive_rules(static.first_policy[pick], uplink, usable))))
     chains.extend(static.hooks)
 
     nat: list[NftRule] = []
@@ -530,7 +630,7 @@ def derive_nft(
                  nx.masquerade()],
             ))
     chains.append(NftChain("postrouting", BaseHook("nat", "postrouting", 100), tuple(nat)))
-    return NftTable(tuple(chains))
+    return NftTable(tuple(chains), static.sets)
 
 
 # ------------------------------------------------------------------ all of it
@@ -587,7 +687,11 @@ def derive(
     )
     policies = []
     chosen: dict[tuple[object, ...], tuple[str, ...]] = {}  # policies share a few targets
+    carried: dict[tuple[object, ...], int | None] = {}
     for p in config.policies:
+        if p.action is not None:
+            policies.append(PolicyStatus(p.name, (), p.fallback, p.families, action=p.action))
+            continue
         key = (_target_key(p), p.families)
         if key not in chosen:
             active: list[str] = []
@@ -596,7 +700,11 @@ def derive(
                     if name not in active:
                         active.append(name)
             chosen[key] = tuple(active)
-        policies.append(PolicyStatus(p.name, chosen[key], p.fallback, p.families))
+            tiers = [t for t in (_carrying(p, usable, f) for f in p.families) if t is not None]
+            carried[key] = min(tiers) if tiers else None
+        policies.append(PolicyStatus(p.name, chosen[key], p.fallback, p.families,
+                                     tiers=tuple(tuple(n for n, _ in tier) for tier in p.tier_list),
+                                     tier=carried[key], failback=p.failback, label=p.label))
     return DesiredState(
         rules=derive_rules(config, views),
         routes=derive_routes(views),

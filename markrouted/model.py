@@ -382,8 +382,22 @@ class NftChain:
 
 
 @dataclass(frozen=True)
+class NftSet:
+    """A named set of the table; ``body`` is its declaration in nft syntax.
+
+    Drift detection compares chains only: a set exists while a rule refers to
+    it, and every rule that refers to one carries the set's declaration in its
+    digest, so a changed declaration changes the chain and replaces the table.
+    """
+
+    name: str
+    body: str
+
+
+@dataclass(frozen=True)
 class NftTable:
     chains: tuple[NftChain, ...]
+    sets: tuple[NftSet, ...] = ()
 
     def chain(self, name: str) -> NftChain | None:
         for chain in self.chains:
@@ -394,6 +408,8 @@ class NftTable:
     def text(self) -> str:
         """The table in nft's own syntax, as ``nft list table`` would show it."""
         lines = [f"table {NFT_FAMILY} {NFT_TABLE} {{"]
+        for nft_set in self.sets:
+            lines.append(f"\tset {nft_set.name} {{ {nft_set.body} }}")
         for chain in self.chains:
             lines.append(f"\tchain {chain.name} {{")
             if chain.base:
@@ -439,6 +455,11 @@ class PolicyStatus:
     active: tuple[str, ...]  # uplinks carrying new flows now; empty: fallback applies
     fallback: Literal["main", "drop"]  # the policy's (config.Fallback)
     families: tuple[int, ...]
+    tiers: tuple[tuple[str, ...], ...] = ()  # the members of each tier, in order
+    tier: int | None = None  # the index of the tier carrying it now; None: none usable
+    action: Literal["main", "drop"] | None = None  # a bypass policy (no tiers)
+    failback: Literal["new-flows", "migrate"] = "new-flows"
+    label: int | None = None  # the ct label bit of its flows (failback = "migrate")
 
 
 @dataclass(frozen=True)
