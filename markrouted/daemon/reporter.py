@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..kernel.errors import KernelError
-from ..model import DesiredState, UplinkStatus
+from ..model import DesiredState, PolicyStatus, UplinkStatus
 from ..monitor import Monitor
 from ..status import STATUS_FILE, Publisher
 from .clock import Clock
@@ -55,6 +55,35 @@ def went_down(previous: DesiredState | None, now: DesiredState) -> list[UplinkSt
     return [u for u in now.uplinks if u.state == "down" and before.get(u.name, "up") == "up"]
 
 
+def migrations(previous: DesiredState | None, now: DesiredState) -> list[tuple[PolicyStatus, UplinkStatus]]:
+    """The flows to clear for ``failback = "migrate"``: (policy, uplink) pairs.
+
+    When a migrating policy moved to a better tier (an uplink came back, or a
+    reload reordered its tiers), its flows still on an uplink it left that is
+    now worse than the carrying tier, or no longer one of its uplinks, must
+    re-route: they are told from other policies' flows by the policy's
+    conntrack label bit. An uplink that went down is not here: all its flows
+    are cleared anyway (``went_down``).
+    """
+    if previous is None:
+        return []
+    before = {p.name: p for p in previous.policies}
+    uplinks = {u.name: u for u in now.uplinks}
+    out = []
+    for p in now.policies:
+        old = before.get(p.name)
+        if p.failback != "migrate" or p.label is None or p.tier is None or old is None or old.active == p.active:
+            continue
+        rank = {name: i for i, tier in enumerate(p.tiers) for name in tier}
+        for name in old.active:
+            u = uplinks.get(name)
+            if name in p.active or u is None or u.state != "up":
+                continue
+            if rank.get(name, len(p.tiers)) > p.tier:
+                out.append((p, u))
+    return out
+
+
 def log_transitions(log: Any, previous: DesiredState | None, now: DesiredState, writes: int, trigger: str,
                     pending: Callable[[str], bool]) -> None:
     """One journal line per change a pass made visible: uplinks, policies, repaired drift.
@@ -89,7 +118,7 @@ class Reporter:
     """Holds the daemon's published view and says it to the file, systemd and the journal."""
 
     def __init__(self, config_path: str, log: Any, notify: Notify, run_dir: str, monitor: Monitor,
-                 clear: Callable[[int, int], Awaitable[None]], clock: Clock) -> None:
+                 clear: Callable[..., Awaitable[None]], clock: Clock) -> None:
         self.config_path, self.log, self.notify, self.run_dir = config_path, log, notify, run_dir
         self.monitor, self.clear, self.clock = monitor, clear, clock
         self._publisher: Publisher | None = None
@@ -135,6 +164,14 @@ class Reporter:
                               reason="uplink down")
             except KernelError as exc:
                 self.log.warning("conntrack clear failed", uplink=u.name, error=str(exc))
+        for p, u in migrations(previous, result.desired):
+            # failback = "migrate": this policy's flows leave the worse uplink at once
+            try:
+                await self.clear(u.mark, mask, p.label)
+                self.log.info("conntrack cleared", uplink=u.name, policy=p.name,
+                              object=f"ct mark {u.mark:#x}/{mask:#x} ct label {p.label}", reason="failback")
+            except KernelError as exc:
+                self.log.warning("conntrack clear failed", uplink=u.name, policy=p.name, error=str(exc))
 
     def announce(self, config: Config, outcome: PassOutcome) -> None:
         """After a converged pass: status file, STATUS=, and READY=1 on start or after a reload."""
