@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import missing  # the suite's root conftest
+from conftest import missing, need_root  # the suite's root conftest
 
 from lab.topology import Lab, lab_config
 from markrouted.kernel import CGROUP_ROOT, cgroup_layout
@@ -31,6 +31,27 @@ def apply(lab: Lab, write_config: Callable[..., str]) -> Callable[..., str]:
         if path is None:
             path = write_config(lab_config(*policies, **sections))
         lab.markrouted("apply", "-q", config=path)
+        return path
+
+    return go
+
+
+@pytest.fixture
+def lab3() -> Iterator[Lab]:
+    """The lab with its third ISP (isp3 behind the host's eth2)."""
+    need_root()
+    with Lab(third=True) as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def apply3(lab3: Lab, write_config: Callable[..., str]) -> Callable[..., str]:
+    """``apply`` for ``lab3``: the config has wan3 (eth2, isp3) too."""
+
+    def go(*policies: str, path: str | None = None, **sections: str) -> str:
+        if path is None:
+            path = write_config(lab_config(*policies, wan3=sections.pop("wan3", ""), **sections))
+        lab3.markrouted("apply", "-q", config=path)
         return path
 
     return go
