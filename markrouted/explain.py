@@ -13,6 +13,7 @@ The counts of conntrack entries come from the caller.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -118,7 +119,11 @@ def writes(plan: Plan) -> int:
 
 def what_if(now: DesiredState, then: DesiredState, plan: Plan, mask: int,
             conntrack: Mapping[str, int]) -> list[str]:
-    """The lines of the what-if: transitions, kernel writes, conntrack entries that would go."""
+    """The lines of the what-if: transitions, kernel writes, conntrack entries that would go.
+
+    Sysctl changes pending now are not the failover's: left out.
+    """
+    plan = dataclasses.replace(plan, sysctls=tuple(s for s in plan.sysctls if s not in now.sysctls))
     lines: list[str] = []
     before = {u.name: u for u in now.uplinks}
     went = []
