@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from test_daemon_loop import MASK, Harness, config_text, drive
 
 from markrouted.daemon.reporter import migrations
@@ -83,3 +85,20 @@ def test_migrations_by_tier() -> None:
     assert migrations(None, _state((_policy(("a",), 0),))) == []
     # an uplink that went down is cleared whole elsewhere, not per policy
     assert migrations(_state((_policy(("c",), 1),)), _state((_policy(("a",), 0),), down=("c",))) == []
+
+
+@pytest.mark.parametrize("failback", ["migrate", "new-flows"])
+def test_a_reload_reordering_tiers_keeps_flows_unless_migrate(tmp_path: Path, failback: str) -> None:
+    before = POLICIES.replace('"migrate"', f'"{failback}"')
+    after = before.replace('uplinks = ["wan1", "wan2"]\nfailback', 'uplinks = ["wan2", "wan1"]\nfailback')
+
+    async def body(h: Harness) -> None:
+        h.path.write_text(config_text(policies=after))
+        h.daemon.reload("SIGHUP")
+        await h.settled()
+        web = next(p for p in h.daemon.reporter.desired.policies if p.name == "web")  # type: ignore[union-attr]
+        assert web.active == ("wan2",)
+        # web's flows on wan1, now its worse tier, go only if it migrates; rest's flows stay where they are
+        assert h.kernel.conntrack_cleared == ([(0x10000, MASK, 127)] if failback == "migrate" else [])
+
+    drive(tmp_path, body, config_text(policies=before))
