@@ -1142,6 +1142,10 @@ def test_shipped_config_shows_every_key() -> None:
         "uplinks",
         "balance",
         "fallback",
+        "failback",
+        "sticky",
+        "sticky_timeout",
+        "action",
     }
 
 
