@@ -568,7 +568,7 @@ def _sticky_chain(
     """``sticky_N``: a source seen lately leaves by the same uplink, while that uplink carries the policy.
 
     Per member uplink and family, a dynamic set of sources with the policy's
-    timeout. A source found in one jumps to ``alive_<pick>_<uplink>``, which
+    timeout. An unmarked source found in one jumps to ``alive_<pick>_<uplink>``, which
     marks the flow only while that uplink is among the policy's current
     choices (a one-rule chain refilled on failover, in the raw vocabulary), so
     an entry pointing at a dead uplink is not obeyed. An unmarked flow then
@@ -587,8 +587,10 @@ def _sticky_chain(
             body = (f"type {_SET_TYPE[family]}; flags dynamic,timeout; timeout {timeout_ms}ms; "
                     f"size {STICKY_SET_SIZE};")
             sets.append(NftSet(set_name, body))
+            # the first live entry wins: an address can be in two sets after a failover
             lookups.append(_rule(f"sticky {policy.name} {name}",
-                                 [nx.match(_SADDR[family], nx.set_ref(set_name)), nx.jump(chain)], body))
+                                 [nx.match(mark, nx.num(0)), nx.match(_SADDR[family], nx.set_ref(set_name)),
+                                  nx.jump(chain)], body))
             updates.append(_rule(f"sticky {policy.name} learns {name}",
                                  [_NFPROTO[family], nx.match(mark, nx.num(values[name], hexa=True)),
                                   nx.set_update(set_name, _SADDR[family])], body))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Callable
 
 import pytest
@@ -110,3 +111,25 @@ def test_each_source_keeps_one_uplink_and_a_failover_moves_them_all(lab: Lab, wr
     after = seen(lab)
     assert all(isps == {"isp2"} for isps in after.values()), after
     assert daemon.stop() == 0
+
+
+def test_a_silent_source_is_forgotten_after_sticky_timeout(lab: Lab, apply: Callable[..., str]) -> None:
+    """After ``sticky_timeout`` without a new connection an address's entry is gone: it may move.
+
+    Polled with a deadline: the kernel's set garbage collector removes an
+    expired element some time after it expired (it is not obeyed from then on).
+    """
+    sources = SOURCES[:5]
+    for src in sources:
+        lab.ip("client", "addr", "add", f"{src}/24", "dev", "eth0")
+    apply(policy("web", proto="tcp", dport=[443], uplinks=[{"wan1": 1, "wan2": 1}], sticky="source",
+                 sticky_timeout="1s"))
+    out = lab.sh("client", PYTHON, "-c", CLIENT, json.dumps(sources), SERVER4, "2", timeout=120)
+    assert all("-" not in p for p in json.loads(out).values())
+    remembered = sticky_entries(lab, "sticky_0_wan1_4") | sticky_entries(lab, "sticky_0_wan2_4")
+    assert remembered == set(sources)
+    end = time.monotonic() + 15
+    while remembered and time.monotonic() < end:
+        time.sleep(0.2)
+        remembered = sticky_entries(lab, "sticky_0_wan1_4") | sticky_entries(lab, "sticky_0_wan2_4")
+    assert not remembered, f"still remembered after the timeout: {remembered}"

@@ -170,7 +170,7 @@ def test_tier_choice_and_sticky_chains() -> None:
     assert chain(state, "alive_pick_0_wan1") == ["goto set_wan1"]
     assert chain(state, "alive_pick_0_wan3") == []  # not in the carrying tier: its entries are not obeyed
     sticky = chain(state, "sticky_2")
-    assert sticky[0] == "ip saddr @sticky_2_wan1_4 jump alive_pick_0_wan1"
+    assert sticky[0] == "meta mark & 0x00ff0000 0 ip saddr @sticky_2_wan1_4 jump alive_pick_0_wan1"
     assert "meta mark & 0x00ff0000 0 jump pick_0" in sticky
     assert sticky[-1] == "meta nfproto ipv6 meta mark & 0x00ff0000 0x00030000 update @sticky_2_wan3_6 { ip6 saddr }"
     assert state.nft is not None
