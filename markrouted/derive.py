@@ -563,7 +563,8 @@ def _policy_tail(
 
 
 def _sticky_chain(
-    policy: Policy, mask: int, values: Mapping[str, int], pick: str, alive: dict[str, tuple[str, str]], sets: list[NftSet]
+    policy: Policy, mask: int, values: Mapping[str, int], pick: str,
+    alive: dict[str, tuple[str, str]], sets: list[NftSet],
 ) -> NftChain:
     """``sticky_N``: a source seen lately leaves by the same uplink, while that uplink carries the policy.
 
