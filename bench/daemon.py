@@ -99,12 +99,25 @@ def sh(*cmd: str, check: bool = True, input: str | None = None) -> str:
     return p.stdout
 
 
-def config_text() -> str:
+def tiered_target(j: int) -> str:
+    """``--tiers``: every policy in failover tiers; one in twenty sticky by source, one in ten migrating."""
+    a, b, c, d = (j % UPLINKS, (j + 5) % UPLINKS, (j + 9) % UPLINKS, (j + 13) % UPLINKS)
+    target = f'uplinks = [{{ u{a} = 3, u{b} = 1 }}, "u{c}", "u{d}"]'
+    if j % 20 == 0:
+        target += '\nsticky = "source"'
+    elif j % 10 == 1:
+        target += '\nfailback = "migrate"'
+    return target
+
+
+def config_text(tiers: bool = False) -> str:
     out = ['[settings]\nresync = "30s"\n']
     for i in range(UPLINKS):
         out.append(f'[uplinks.u{i}]\ninterface = "u{i}"\ntable = {101 + i}\nmark = {i + 1}\n')
     for j in range(POLICIES):
-        if j % 10 == 9:
+        if tiers:
+            target = tiered_target(j)
+        elif j % 10 == 9:
             a, b = j % UPLINKS, (j + 5) % UPLINKS
             target = f"balance = {{ u{a} = 3, u{b} = 1 }}"
         else:
@@ -223,13 +236,16 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=40)
     ap.add_argument("--idle", type=float, default=60.0)
     ap.add_argument("--rss-only", action="store_true", help="measure where the memory goes, nothing else")
+    ap.add_argument("--tiers", action="store_true",
+                    help="policies in failover tiers (some sticky by source, some migrating); "
+                         "results to bench/results-daemon-tiers.md")
     args = ap.parse_args()
     tag = secrets.token_hex(3)
     ns, peer = f"mrbd{tag}", f"mrbp{tag}"
     tmp = tempfile.mkdtemp(prefix="mrbench-")
     cfg = os.path.join(tmp, "markrouted.toml")
     with open(cfg, "w") as f:
-        f.write(config_text())
+        f.write(config_text(args.tiers))
     run_dir = os.path.join(tmp, "run")
     env = {**os.environ, "PYTHONPATH": ROOT, "MARKROUTED_RUN_DIR": run_dir}
     enter = ["nsenter", f"--net=/run/netns/{ns}"]
@@ -315,7 +331,8 @@ def main() -> int:
         lines = [
             "# markrouted daemon benchmark",
             "",
-            f"16 uplinks, {POLICIES} policies; {args.samples} carrier losses and {args.samples} returns "
+            f"16 uplinks, {POLICIES} policies{' in tiers' if args.tiers else ''}; "
+            f"{args.samples} carrier losses and {args.samples} returns "
             f"of one uplink; kernel {os.uname().release}; `{' '.join(sys.argv)}`",
             "",
             "| measure | result | target | floor |",
@@ -334,7 +351,8 @@ def main() -> int:
             f"{plan.returncode} ({'in sync' if plan.returncode == 0 else 'NOT in sync'}) | coalesced, in sync | |",
         ]
         print("\n".join(lines))
-        with open(os.path.join(ROOT, "bench", "results-daemon.md"), "w") as f:
+        name = "results-daemon-tiers.md" if args.tiers else "results-daemon.md"
+        with open(os.path.join(ROOT, "bench", name), "w") as f:
             f.write("\n".join(lines) + "\n")
         return 0
     finally:

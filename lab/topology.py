@@ -18,6 +18,9 @@
   the connection attempts (TCP SYNs) that reached it, so a test can prove that
   nothing at all arrived by a path.
 * ``client`` is a LAN host behind ``host`` (192.0.2.0/24, 2001:db8:c::/64).
+* with ``Lab(third=True)``, a third ISP: ``host ──eth2── isp3 ── server``, the
+  host at 198.19.3.2/24 and 2001:db8:3::2/64, its main-table default route at
+  metric 300 (the failover tests' last resort, an LTE line).
 
 Nothing outside the lab's own namespaces is touched: every link is created
 directly inside its namespaces, and every name carries a unique prefix.
@@ -50,6 +53,7 @@ SERVER6 = "2001:db8:ff::10"
 SERVERS = (SERVER4, SERVER6)
 ISP1_CUSTOMER4, ISP1_CUSTOMER6 = "198.51.100.2", "2001:db8:1::2"
 ISP2_CUSTOMER4, ISP2_CUSTOMER6 = "203.0.113.2", "2001:db8:2::2"
+ISP3_CUSTOMER4, ISP3_CUSTOMER6 = "198.19.3.2", "2001:db8:3::2"
 CLIENT4, CLIENT6 = "192.0.2.10", "2001:db8:c::10"
 LAN4, LAN6 = "192.0.2.1", "2001:db8:c::1"
 SERVER_PORTS = (22, 80, 443, 2222, 8080)
@@ -80,6 +84,10 @@ LINES = {
 }
 
 
+#: the third line, built only by ``Lab(third=True)``
+LINE3 = Line("isp3", "eth2", "198.19.3.2/24", "2001:db8:3::2/64", "198.19.3.1", "2001:db8:3::1", 300)
+
+
 def run(cmd: Sequence[str], check: bool = True, input: str | None = None, timeout: float = 30) -> str:
     """A command's stdout; with ``check``, a failure raises with its stderr."""
     proc = subprocess.run(list(cmd), capture_output=True, text=True, input=input, timeout=timeout)
@@ -88,7 +96,7 @@ def run(cmd: Sequence[str], check: bool = True, input: str | None = None, timeou
     return proc.stdout
 
 
-def lab_config(*policies: str, settings: str = "", wan1: str = "", wan2: str = "") -> str:
+def lab_config(*policies: str, settings: str = "", wan1: str = "", wan2: str = "", wan3: str | None = None) -> str:
     """A markrouted config for the lab's host: wan1 = eth0 (isp1), wan2 = eth1 (isp2).
 
     ``policies`` are ``[[policy]]`` bodies (without the header); ``settings``,
@@ -98,6 +106,8 @@ def lab_config(*policies: str, settings: str = "", wan1: str = "", wan2: str = "
     text = f"[settings]\nmark_mask = 0x00ff0000\n{settings}\n"
     text += f'[uplinks.wan1]\ninterface = "eth0"\ntable = 101\nmark = 1\n{wan1}\n'
     text += f'[uplinks.wan2]\ninterface = "eth1"\ntable = 102\nmark = 2\n{wan2}\n'
+    if wan3 is not None:  # the third line (``Lab(third=True)``): wan3 = eth2 (isp3)
+        text += f'[uplinks.wan3]\ninterface = "eth2"\ntable = 103\nmark = 3\n{wan3}\n'
     for body in policies:
         text += f"[[policy]]\n{body.strip()}\n\n"
     return text
@@ -140,6 +150,8 @@ class Lab:
     #: a private directory for the daemon's status file: /run is shared by
     #: every namespace, and several labs (or a real markrouted) may run at once
     run_dir: str = ""
+    #: build the third ISP too (isp3, the host's eth2)
+    third: bool = False
 
     # ------------------------------------------------------------ naming
 
@@ -239,8 +251,38 @@ class Lab:
         self.ip("server", "-6", "route", "add", "2001:db8:2::/64", "via", "2001:db8:f2::1")
         # anything else (un-NATed LAN sources) has no way back: the ISPs drop it anyway
         self.nft("server", self._syn_counters())
+        if self.third:
+            self._build_third()
         self.serve("server", *SERVER_PORTS)
         self.wait_links_ready()
+
+    def _build_third(self) -> None:
+        """isp3 between the host's eth2 and the server, wired like the other two."""
+        run(["ip", "netns", "add", self.ns("isp3")])
+        self.made.append(self.ns("isp3"))
+        self.sh("isp3", "sysctl", "-qw", "net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1")
+        self.ip("isp3", "link", "set", "lo", "up")
+        self._veth("host", LINE3.interface, "isp3", "cust")
+        self._veth("isp3", "core", "server", "isp3")
+        self._addr("host", LINE3.interface, LINE3.address4, LINE3.address6)
+        self._addr("isp3", "cust", "198.19.3.1/24", "2001:db8:3::1/64")
+        self._addr("isp3", "core", "198.18.3.1/24", "2001:db8:f3::1/64")
+        self._addr("server", "isp3", "198.18.3.2/24", "2001:db8:f3::2/64")
+        self._default_routes(LINE3, "add")
+        self.ip("isp3", "route", "add", "default", "via", "198.18.3.2")
+        self.ip("isp3", "-6", "route", "add", "default", "via", "2001:db8:f3::2")
+        self.nft("isp3", (
+            "table inet bcp38 {\n  counter spoofed {}\n"
+            "  chain forward { type filter hook forward priority 0; policy accept;\n"
+            '    iifname "cust" meta nfproto ipv4 ip saddr != 198.19.3.0/24 counter name spoofed drop\n'
+            '    iifname "cust" meta nfproto ipv6 ip6 saddr != 2001:db8:3::/64 counter name spoofed drop\n'
+            "  }\n}\n"))
+        self.ip("server", "route", "add", "198.19.3.0/24", "via", "198.18.3.1")
+        self.ip("server", "-6", "route", "add", "2001:db8:3::/64", "via", "2001:db8:f3::1")
+
+    def line(self, isp: str) -> Line:
+        return LINE3 if isp == "isp3" else LINES[isp]
 
     def _syn_counters(self) -> str:
         """The server's record of which connection attempts reached it, by ISP and port."""
@@ -309,7 +351,7 @@ class Lab:
         """The lab with this prefix as it exists now (left by ``--keep``), to destroy it."""
         existing = set(run(["ip", "netns", "list"]).split())
         lab = cls(prefix=prefix)
-        lab.made = [lab.ns(role) for role in ROLES if lab.ns(role) in existing]
+        lab.made = [lab.ns(role) for role in (*ROLES, "isp3") if lab.ns(role) in existing]
         return lab
 
     # ------------------------------------------------------------ processes
@@ -474,11 +516,11 @@ class Lab:
         The kernel flushes the link's IPv4 routes and its static IPv6 addresses
         with it; :meth:`restore_line` brings them back as a DHCP client would.
         """
-        self.ip("host", "link", "set", LINES[isp].interface, "down")
+        self.ip("host", "link", "set", self.line(isp).interface, "down")
 
     def restore_line(self, isp: str) -> None:
         """Undo :meth:`cut_line`: link up, then the addresses and default routes the line had."""
-        line = LINES[isp]
+        line = self.line(isp)
         self.ip("host", "link", "set", line.interface, "up")
         self.ip("host", "addr", "replace", line.address4, "dev", line.interface)
         self.ip("host", "addr", "replace", line.address6, "dev", line.interface, "nodad")
@@ -541,11 +583,15 @@ def which_isp(peer: str | None) -> str | None:
         return "isp1"
     if peer in (ISP2_CUSTOMER4, ISP2_CUSTOMER6):
         return "isp2"
+    if peer in (ISP3_CUSTOMER4, ISP3_CUSTOMER6):
+        return "isp3"
     return f"other ({peer})"
 
 
 def customer(isp: str, server: str) -> str:
     """The host's address at ``isp`` in the family of ``server``: what the server sees."""
+    if isp == "isp3":
+        return ISP3_CUSTOMER6 if ":" in server else ISP3_CUSTOMER4
     if ":" in server:
         return ISP1_CUSTOMER6 if isp == "isp1" else ISP2_CUSTOMER6
     return ISP1_CUSTOMER4 if isp == "isp1" else ISP2_CUSTOMER4

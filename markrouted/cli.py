@@ -95,10 +95,60 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if errors else EXIT_OK
 
 
+def _down(config: Config, text: str | None) -> list[str]:
+    """The uplinks of ``--down A[,B]``, each checked against the config."""
+    if not text:
+        return []
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = {u.name for u in config.uplinks}
+    for name in names:
+        if name not in known:
+            raise Fatal(f"--down: unknown uplink {escape(name)!s} (known: {', '.join(sorted(known)) or 'none'})")
+    return names
+
+
+def _health_down(down: list[str]) -> dict[str, Any] | None:
+    """The running daemon's verdicts, with the ``--down`` uplinks' checks failing."""
+    from .model import Health
+
+    health = _live_health()
+    if not down:
+        return health
+    out = dict(health or {})
+    for name in down:
+        out[name] = Health(False, "what-if: --down")
+    return out
+
+
+def cmd_what_if(args: argparse.Namespace, config: Config, down: list[str]) -> int:
+    """``plan --down``: what the daemon would do if those uplinks went down now. Writes nothing."""
+    from .derive import derive
+    from .diff import diff
+    from .kernel import conntrack
+    from .model import Actual, Plan
+    from .reconcile import compute
+    from .explain import what_if
+
+    kernel = _kernel(args)
+    now = compute(config, kernel, _live_health())
+    then = derive(config, now.observed, _health_down(down))
+    plan: Plan = diff(then, Actual(now.desired.rules, now.desired.routes, now.desired.nft))
+    mask = config.settings.mark_mask
+    counts = {u.name: conntrack.count(u.mark, mask) for u in now.desired.uplinks if u.name in down}
+    print(f"what if {', '.join(down)} went down now (as a failing health check would take "
+          f"{'it' if len(down) == 1 else 'them'} down); nothing is changed:")
+    for line in what_if(now.desired, then, plan, mask, counts):
+        print(line)
+    return EXIT_OK
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from .reconcile import compute
 
     config = _load(args)
+    down = _down(config, args.down)
+    if down:
+        return cmd_what_if(args, config, down)
     kernel = _kernel(args)
     result = compute(config, kernel, _live_health())
     if result.plan.empty:
@@ -197,9 +247,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise Fatal(str(exc)) from None
+    down = _down(config, args.down)
     kernel = _kernel(args, need_nft=False)
     observed = kernel.observe(needs(config))
-    desired = derive(config, observed, _live_health())
+    desired = derive(config, observed, _health_down(down))
+    if down:
+        print(f"what if: {', '.join(down)} down (nothing is changed)")
     where = f"forwarded, in on {pkt.iif}" if pkt.iif else "generated on this host"
     desc = f"{args.proto or 'ip'} to {pkt.daddr}" + (f" port {pkt.dport}" if pkt.dport else "")
     print(f"packet:  {desc} ({where})")
@@ -228,7 +281,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
                     found = address_match(address, nets, refs, by_name, dns)
                     if found and found != "listed":
                         print(f"{field}:   {address} is in {found}")
-            if not status.active:
+            if policy.action == "drop":
+                print("action:  drop: the packet is dropped, no later policy sees it")
+                return EXIT_OK
+            if policy.action == "main":
+                print("action:  main: the packet is not marked and follows the main table; no later policy sees it")
+            elif len(status.tiers) > 1:
+                from .status import tiers_text
+
+                print(f"tiers:   {tiers_text([list(t) for t in status.tiers], status.tier)}"
+                      + (f' (failback = "migrate")' if policy.failback == "migrate" else ""))
+            if policy.sticky == "source" and status.active:
+                print(f"sticky:  a source address keeps the uplink of its first flow while it opens a new "
+                      f"flow at least every {policy.sticky_timeout:g}s and that uplink carries the policy")
+            if policy.action is not None:
+                pass  # unmarked: the route below is the main table's
+            elif not status.active:
                 if policy.fallback == "drop":
                     print("uplink:  none usable: fallback = drop, the packet is dropped")
                     return EXIT_OK
@@ -237,8 +305,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
                 ups = {u.name: u for u in desired.uplinks}
                 chosen = [n for n in status.active if pkt.family in ups[n].families] or list(status.active)
                 name = chosen[0]
-                if policy.balance and len(chosen) > 1:
-                    weights = dict(policy.balance)
+                if len(chosen) > 1:
+                    weights = {n: w for tier in policy.tier_list for n, w in tier}
                     total = sum(weights[n] for n in chosen)
                     share = ", ".join(f"{n} {weights[n]}/{total}" for n in chosen)
                     print(f"balance: new flows split {share}; showing {name}")
@@ -354,6 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("plan", parents=[common], help="print what apply would change; exit 3 if anything")
+    s.add_argument("--down", metavar="UPLINK[,UPLINK]",
+                   help="instead: what would change if these uplinks went down now (changes nothing; exit 0)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("apply", parents=[common], help="reconcile once and exit")
@@ -374,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--uid", type=int, help="owner of the local socket")
     s.add_argument("--gid", type=int, help="group of the local socket")
     s.add_argument("--cgroup", help="cgroup v2 path of the local socket")
+    s.add_argument("--down", metavar="UPLINK[,UPLINK]", help="answer as if these uplinks were down")
     s.set_defaults(func=cmd_explain)
 
     s = sub.add_parser("dnsmasq-config", parents=[common],

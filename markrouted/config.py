@@ -23,6 +23,7 @@ neither end the quotes nor turn into a wildcard or a name template.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import ipaddress
@@ -84,6 +85,16 @@ ProbeMethod: TypeAlias = Literal["icmp", "tcp", "http", "https", "dns"]
 Success: TypeAlias = Literal["any", "all"]
 Family: TypeAlias = Literal["ipv4", "ipv6", "any"]
 Fallback: TypeAlias = Literal["main", "drop"]
+Action: TypeAlias = Literal["main", "drop"]
+Failback: TypeAlias = Literal["new-flows", "migrate"]
+Sticky: TypeAlias = Literal["flow", "source"]
+Tier: TypeAlias = tuple[tuple[str, int], ...]
+"""One tier of a policy: ``(uplink, weight)`` in the order written."""
+
+STICKY_TIMEOUT_DEFAULT: Final = 600.0
+"""``sticky_timeout`` when not given (10 minutes), in seconds."""
+MIGRATE_LABELS_MAX: Final = 128
+"""At most this many ``failback = "migrate"`` policies: one conntrack label bit each."""
 
 
 class ConfigError(Exception):
@@ -290,6 +301,31 @@ class Policy:
     """``(uplink, weight)`` in the order written; empty when ``uplinks`` is used."""
     fallback: Fallback = "main"
     """``"main"`` or ``"drop"``."""
+    tiers: tuple[Tier, ...] = ()
+    """Set when ``uplinks`` holds an inline table of weights; see :attr:`tier_list`."""
+    action: Action | None = None
+    """``"main"`` or ``"drop"``: a bypass policy (no uplinks, no later policy sees the traffic)."""
+    failback: Failback = "new-flows"
+    sticky: Sticky = "flow"
+    sticky_timeout: float = STICKY_TIMEOUT_DEFAULT
+    """Seconds a source stays on its uplink after its last new flow (``sticky = "source"``)."""
+    label: int | None = None
+    """The conntrack label bit marking this policy's flows (``failback = "migrate"`` only)."""
+
+    @functools.cached_property
+    def tier_list(self) -> tuple[Tier, ...]:
+        """The policy's tiers, tried in order: ``balance`` is one tier, a plain
+        ``uplinks`` list one single-uplink tier per name. Empty for an ``action`` policy."""
+        if self.tiers:
+            return self.tiers
+        if self.balance:
+            return (self.balance,)
+        return tuple(((name, 1),) for name in self.uplinks)
+
+    @functools.cached_property
+    def members(self) -> tuple[str, ...]:
+        """Every uplink of every tier, in order."""
+        return tuple(name for tier in self.tier_list for name, _ in tier)
 
     @functools.cached_property
     def families(self) -> tuple[int, ...]:
@@ -504,6 +540,7 @@ _DURATION_LIMITS: Final = MappingProxyType(
         "damp_within": (1.0, 86400.0, "1s", "24h"),
         "damp_hold": (1.0, 3600.0, "1s", "1h"),
         "dns_timeout": (1.0, 7 * 86400.0, "1s", "7d"),
+        "sticky_timeout": (1.0, 7 * 86400.0, "1s", "168h"),
     }
 )
 
@@ -1408,6 +1445,15 @@ def _parse_policies(
         policy = _parse_policy(index, body, uplink_names, names, errors, address_sets or {})
         if policy is not None:
             policies.append(policy)
+    # one conntrack label bit per migrating policy, from the top (127) down: other
+    # software that uses labels tends to start at bit 0 (docs/design.md)
+    migrating = [i for i, p in enumerate(policies) if p.failback == "migrate"]
+    if len(migrating) > MIGRATE_LABELS_MAX:
+        errors.add("policy", f'{len(migrating)} policies with failback = "migrate", more than '
+                             f"{MIGRATE_LABELS_MAX}, the maximum (one conntrack label bit each)")
+        return ()
+    for k, i in enumerate(migrating):
+        policies[i] = dataclasses.replace(policies[i], label=127 - k)
     return tuple(policies)
 
 
@@ -1453,6 +1499,11 @@ def _parse_policy(
     uplinks: tuple[str, ...] = ()
     balance: tuple[tuple[str, int], ...] = ()
     fallback: Fallback = "main"
+    tiers: tuple[Tier, ...] = ()
+    action: Action | None = None
+    failback: Failback = "new-flows"
+    sticky: Sticky = "flow"
+    sticky_timeout = STICKY_TIMEOUT_DEFAULT
     for key, value in table.items():
         path = f"{prefix}.{_key(key)}"
         match key:
@@ -1473,7 +1524,20 @@ def _parse_policy(
             case "family":
                 family = _choice(value, path, ("ipv4", "ipv6", "any"), errors) or family
             case "uplinks":
-                uplinks = _policy_uplinks(value, path, uplink_names, errors)
+                tiers = _policy_tiers(value, path, uplink_names, errors)
+                uplinks = tuple(name for tier in tiers for name, _ in tier)
+                if not any(isinstance(item, Mapping) for item in (value if isinstance(value, list) else ())):
+                    tiers = ()  # a plain failover list: tier_list derives it
+            case "action":
+                action = _choice(value, path, ("main", "drop"), errors)
+            case "failback":
+                failback = _choice(value, path, ("new-flows", "migrate"), errors) or failback
+            case "sticky":
+                sticky = _choice(value, path, ("flow", "source"), errors) or sticky
+            case "sticky_timeout":
+                parsed = _duration(value, path, "sticky_timeout", errors)
+                if parsed is not None:
+                    sticky_timeout = parsed[0]
             case "balance":
                 balance = _balance(value, path, uplink_names, errors)
             case "fallback":
@@ -1503,10 +1567,15 @@ def _parse_policy(
             prefix,
             "iif matches forwarded traffic, uid/gid/cgroup only local sockets; no packet can match both",
         )
-    if "uplinks" in table and "balance" in table:
-        errors.add(prefix, "give either uplinks or balance, not both")
-    elif "uplinks" not in table and "balance" not in table:
-        errors.add(prefix, "one of uplinks or balance is required")
+    given = [key for key in ("uplinks", "balance", "action") if key in table]
+    if len(given) > 1:
+        errors.add(prefix, f"give one of uplinks, balance or action, not {' and '.join(given)}")
+    elif not given:
+        errors.add(prefix, "one of uplinks, balance or action is required")
+    elif given == ["action"]:
+        for key in ("fallback", "failback", "sticky", "sticky_timeout"):
+            if key in table:
+                errors.add(f"{prefix}.{key}", "has no meaning with action: the traffic uses no uplink")
 
     if len(errors.lines) != before:
         return None
@@ -1528,6 +1597,11 @@ def _parse_policy(
         uplinks=uplinks,
         balance=balance,
         fallback=fallback,
+        tiers=tiers,
+        action=action,
+        failback=failback,
+        sticky=sticky,
+        sticky_timeout=sticky_timeout,
     )
 
 
@@ -1786,25 +1860,49 @@ def _cgroup(value: object, path: str, errors: _Errors) -> str | None:
     return stripped
 
 
-def _policy_uplinks(
+def _policy_tiers(
     value: object, path: str, uplink_names: frozenset[str], errors: _Errors
-) -> tuple[str, ...]:
+) -> tuple[Tier, ...]:
+    """``uplinks``: tiers in order; a string is a one-uplink tier, an inline table a balanced one.
+
+    An uplink may appear once across all tiers: a second place would mean two
+    different answers to "where does this flow go when that uplink lives".
+    """
     items = _array(value, path, errors)
-    names: list[str] = []
+    tiers: list[Tier] = []
     seen: dict[str, int] = {}
-    for i, item in enumerate(items or ()):
-        item_path = f"{path}[{i}]"
-        name = _str(item, item_path, errors)
-        if name is None:
-            continue
+
+    def member(name: str, item_path: str, i: int) -> bool:
         if name not in uplink_names:
             errors.add(item_path, f"unknown uplink {_q(name)}")
         elif name in seen:
             errors.add(item_path, f"{_q(name)} is already listed at uplinks[{seen[name]}]")
         else:
             seen[name] = i
-            names.append(name)
-    return tuple(names)
+            return True
+        return False
+
+    for i, item in enumerate(items or ()):
+        item_path = f"{path}[{i}]"
+        if isinstance(item, Mapping):
+            if not item:
+                errors.add(item_path, "an empty tier: give at least one uplink with its weight")
+                continue
+            tier: list[tuple[str, int]] = []
+            for name, weight in item.items():
+                weight_path = f"{item_path}.{_key(name)}"
+                number = _int_in(weight, weight_path, 1, _WEIGHT_MAX, errors)
+                if member(name, weight_path, i) and number is not None:
+                    tier.append((name, number))
+            if tier:
+                tiers.append(tuple(tier))
+            continue
+        if not isinstance(item, str):
+            errors.add(item_path, _type_error("an uplink name or a table of weights", item))
+            continue
+        if member(item, item_path, i):
+            tiers.append(((item, 1),))
+    return tuple(tiers)
 
 
 def _balance(

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import nftexpr as nx
 from .config import AddressSet, Config, Gateway, IPNetwork, Policy, SetRef, Uplink
@@ -58,6 +58,7 @@ from .model import (
     Needs,
     NftChain,
     NftRule,
+    NftSet,
     NftTable,
     Observed,
     PolicyStatus,
@@ -294,7 +295,7 @@ _L4_WITH_PORTS = nx.match(nx.meta("l4proto"), nx.anon_set([_proto(n) for n in L4
 _TH = {name: nx.payload("th", name) for name in ("sport", "dport")}
 _ADDRESS = {(family, name): nx.payload("ip" if family == AF_INET else "ip6", name)
             for family in FAMILIES for name in ("saddr", "daddr")}
-_NFPROTO = {family: nx.match(nx.meta("nfproto"), nx.word(family_name(family))) for family in FAMILIES}
+_NFPROTO: dict[int, nx.X] = {family: nx.match(nx.meta("nfproto"), nx.word(family_name(family))) for family in FAMILIES}
 
 
 def _policy_matches(
@@ -410,19 +411,24 @@ def derive_sets(config: Config) -> tuple[NftSet, ...]:
 
 
 def _target_key(policy: Policy) -> tuple[object, ...]:
-    if policy.balance:
-        return ("balance", policy.balance, policy.fallback)
-    return ("uplinks", policy.uplinks, policy.fallback)
+    return ("tiers", policy.tier_list, policy.fallback)
+
+
+def _carrying(policy: Policy, usable: Mapping[str, tuple[int, ...]], family: int) -> int | None:
+    """The index of the first tier with a member usable for the family; None: no tier is."""
+    for index, tier in enumerate(policy.tier_list):
+        if any(family in usable.get(name, ()) for name, _ in tier):
+            return index
+    return None
 
 
 def _choose(policy: Policy, usable: Mapping[str, tuple[int, ...]], family: int) -> list[tuple[str, int]]:
-    """The uplinks (with weights) that carry new flows of this policy for a family."""
-    if policy.balance:
-        return [(name, w) for name, w in policy.balance if family in usable.get(name, ())]
-    for name in policy.uplinks:
-        if family in usable.get(name, ()):
-            return [(name, 1)]
-    return []
+    """The uplinks (with weights) that carry new flows of this policy for a family:
+    the usable members of the first tier that has any."""
+    index = _carrying(policy, usable, family)
+    if index is None:
+        return []
+    return [(name, w) for name, w in policy.tier_list[index] if family in usable.get(name, ())]
 
 
 def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[NftRule]:
@@ -455,6 +461,17 @@ def _pick_rules(policy: Policy, usable: Mapping[str, tuple[int, ...]]) -> list[N
     return rules
 
 
+def _alive_rules(policy: Policy, uplink: str, usable: Mapping[str, tuple[int, ...]]) -> list[NftRule]:
+    """``alive_<pick>_<uplink>``: mark the flow for the uplink while it is among the policy's
+    current choices (per family), else nothing. Refilled raw on failover, like ``pick_N``."""
+    families = [f for f in FAMILIES if any(name == uplink for name, _ in _choose(policy, usable, f))]
+    if not families:
+        return []
+    if len(families) == len(FAMILIES):
+        return [_rule("alive", [nx.goto(f"set_{uplink}")])]
+    return [_rule("alive " + family_name(f), [_NFPROTO[f], nx.goto(f"set_{uplink}")]) for f in families]
+
+
 @dataclass(frozen=True)
 class StaticChains:
     """The chains that depend on the config alone (and on which cgroups exist).
@@ -468,7 +485,8 @@ class StaticChains:
     hooks: tuple[NftChain, ...]  # prerouting, output
     targets: Mapping[tuple[object, ...], str]  # policy target -> pick chain name
     first_policy: Mapping[str, Policy]  # pick chain name -> a policy with that target
-    sets: tuple[NftSet, ...] = ()  # the named sets of [sets.NAME]
+    alive: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # alive_ chain -> (pick chain, uplink)
+    sets: tuple[NftSet, ...] = ()  # the named sets of [sets.NAME], then the sticky sources' dynamic sets
 
 
 def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[str, int] | None = None) -> StaticChains:
@@ -490,6 +508,8 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
     targets: dict[tuple[object, ...], str] = {}
     first: dict[str, Policy] = {}
     for policy in config.policies:
+        if policy.action is not None:
+            continue  # a bypass: a verdict in the hook chains, no pick chain
         key = _target_key(policy)
         if key not in targets:
             name = f"pick_{len(targets)}"
@@ -517,12 +537,15 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
     by_hook: dict[str, list[NftRule]] = {hook: [] for hook in HOOKS}
     gotos = {name: nx.goto(name) for name in first}
     sets_by_name = {item.name: item for item in config.sets}
+    alive: dict[str, tuple[str, str]] = {}
+    sets: list[NftSet] = []
+    values = {u.name: s.mark_value(u.mark) for u in config.uplinks}
     for policy in config.policies:
         in_hooks, splits = _policy_matches(policy, cgroup_prefix, cgroup_ids, sets_by_name)
         if not in_hooks:
             continue
-        goto = gotos[targets[_target_key(policy)]]
-        rendered = [_rule(f"policy {policy.name}", [*parts, goto], salt) for parts, salt in splits]
+        tail = _policy_tail(policy, s.mark_mask, values, targets, gotos, chains, alive, sets)
+        rendered = [_rule(f"policy {policy.name}", [*parts, *tail], salt) for parts, salt in splits]
         for hook in in_hooks:
             by_hook[hook] += rendered
 
@@ -542,7 +565,86 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
         return NftChain(hook, base, tuple(rules))
 
     hooks = (hook_chain("prerouting"), hook_chain("output"))
-    return StaticChains(tuple(chains), hooks, targets, first, derive_sets(config))
+    return StaticChains(tuple(chains), hooks, targets, first, alive, (*derive_sets(config), *sets))
+
+
+_SADDR: dict[int, nx.X] = {AF_INET: nx.payload("ip", "saddr"), AF_INET6: nx.payload("ip6", "saddr")}
+#: the most sources one sticky set remembers (per policy, uplink and family)
+STICKY_SET_SIZE = 65535
+
+
+def sticky_set_name(policy: Policy, uplink: str, family: int) -> str:
+    return f"sticky_{policy.index}_{uplink}_{4 if family == AF_INET else 6}"
+
+
+def _policy_tail(
+    policy: Policy,
+    mask: int,
+    values: Mapping[str, int],
+    targets: Mapping[tuple[object, ...], str],
+    gotos: Mapping[str, nx.X],
+    chains: list[NftChain],
+    alive: dict[str, tuple[str, str]],
+    sets: list[NftSet],
+) -> list[nx.X]:
+    """What a policy's rule does once it matched: a bypass verdict, or on to its uplinks.
+
+    ``action = "main"`` returns from the hook chain (the packet stays unmarked,
+    the main table routes it, no later policy sees it); ``"drop"`` drops it.
+    A migrating policy first sets its conntrack label bit, so its flows can be
+    told from other policies' flows on the same uplink. A sticky-source policy
+    goes through its own ``sticky_N`` chain (built here, once per config).
+    """
+    if policy.action is not None:
+        return [nx.verdict("return" if policy.action == "main" else "drop")]
+    tail: list[nx.X] = []
+    if policy.label is not None:
+        tail.append(nx.mangle(nx.ct("label"), nx.num(policy.label)))
+    pick = targets[_target_key(policy)]
+    if policy.sticky != "source":
+        return [*tail, gotos[pick]]
+    chains.append(_sticky_chain(policy, mask, values, pick, alive, sets))
+    return [*tail, nx.goto(f"sticky_{policy.index}")]
+
+
+def _sticky_chain(
+    policy: Policy, mask: int, values: Mapping[str, int], pick: str,
+    alive: dict[str, tuple[str, str]], sets: list[NftSet],
+) -> NftChain:
+    """``sticky_N``: a source seen lately leaves by the same uplink, while that uplink carries the policy.
+
+    Per member uplink and family, a dynamic set of sources with the policy's
+    timeout. An unmarked source found in one jumps to ``alive_<pick>_<uplink>``, which
+    marks the flow only while that uplink is among the policy's current
+    choices (a one-rule chain refilled on failover, in the raw vocabulary), so
+    an entry pointing at a dead uplink is not obeyed. An unmarked flow then
+    picks by weight, and the chosen uplink's set learns (or refreshes) the
+    source: the packet path fills the sets, never the daemon.
+    """
+    timeout = max(1, int(round(policy.sticky_timeout)))
+    lookups: list[NftRule] = []
+    updates: list[NftRule] = []
+    mark = nx.band(nx.meta("mark"), mask)
+    for name in policy.members:
+        chain = f"alive_{pick}_{name}"
+        alive[chain] = (pick, name)
+        for family in policy.families:
+            set_name = sticky_set_name(policy, name, family)
+            declared = NftSet(set_name, 4 if family == AF_INET else 6, dynamic=True, timeout=timeout, learns=True,
+                              size=STICKY_SET_SIZE)
+            sets.append(declared)
+            # the rules that use a set carry its declaration in their digest: a changed
+            # timeout changes the chain, and the table is replaced
+            body = "\n".join(declared.text())
+            # the first live entry wins: an address can be in two sets after a failover
+            lookups.append(_rule(f"sticky {policy.name} {name}",
+                                 [nx.match(mark, nx.num(0)), nx.match(_SADDR[family], nx.set_ref(set_name)),
+                                  nx.jump(chain)], body))
+            updates.append(_rule(f"sticky {policy.name} learns {name}",
+                                 [_NFPROTO[family], nx.match(mark, nx.num(values[name], hexa=True)),
+                                  nx.set_update(set_name, _SADDR[family])], body))
+    choose = _rule(f"sticky {policy.name} new source", [nx.match(mark, nx.num(0)), nx.jump(pick)])
+    return NftChain(f"sticky_{policy.index}", None, (*lookups, choose, *updates))
 
 
 def derive_nft(
@@ -558,6 +660,8 @@ def derive_nft(
     chains: list[NftChain] = list(static.head)
     for name, policy in static.first_policy.items():
         chains.append(NftChain(name, None, tuple(_pick_rules(policy, usable))))
+    for name, (pick, uplink) in static.alive.items():
+        chains.append(NftChain(name, None, tuple(_alive_rules(static.first_policy[pick], uplink, usable))))
     chains.extend(static.hooks)
 
     nat: list[NftRule] = []
@@ -635,7 +739,11 @@ def derive(
     policies = []
     # policies share a few targets
     chosen: dict[tuple[object, ...], tuple[tuple[str, ...], tuple[tuple[int, tuple[str, ...]], ...]]] = {}
+    carried: dict[tuple[object, ...], int | None] = {}
     for p in config.policies:
+        if p.action is not None:
+            policies.append(PolicyStatus(p.name, (), p.fallback, p.families, action=p.action))
+            continue
         key = (_target_key(p), p.families)
         if key not in chosen:
             active: list[str] = []
@@ -645,7 +753,11 @@ def derive(
                 by_family.append((family, picked))
                 active.extend(name for name in picked if name not in active)
             chosen[key] = (tuple(active), tuple(by_family))
-        policies.append(PolicyStatus(p.name, chosen[key][0], p.fallback, p.families, chosen[key][1]))
+            tiers = [t for t in (_carrying(p, usable, f) for f in p.families) if t is not None]
+            carried[key] = min(tiers) if tiers else None
+        policies.append(PolicyStatus(p.name, chosen[key][0], p.fallback, p.families, chosen[key][1],
+                                     tiers=tuple(tuple(n for n, _ in tier) for tier in p.tier_list),
+                                     tier=carried[key], failback=p.failback, label=p.label))
     return DesiredState(
         rules=derive_rules(config, views),
         routes=derive_routes(views),

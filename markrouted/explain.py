@@ -2,17 +2,25 @@
 
 Mirrors the nft rules derive renders (same fields, same first-match order), so
 ``markrouted explain`` answers with the policy the kernel would pick.
+
+And what a failover would change, said before it happens (``plan --down``):
+``what_if`` compares the state derived now with the state derived as if some
+uplinks were down, and the plan between them, in the daemon's own vocabulary
+(the events it logs on a real failover: ``uplink down``, ``policy moved``,
+``nft chains refilled``, ``conntrack cleared``), so the two read side by side.
+The counts of conntrack entries come from the caller.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .config import AddressSet, Config, IPNetwork, Policy, SetRef
-from .model import IP_PROTOCOLS, PORT_PROTOCOLS
+from .model import IP_PROTOCOLS, PORT_PROTOCOLS, DesiredState, Plan
 from .sets import contains, nft_names
 
 #: addresses dnsmasq holds now, by nft set name (``NAME_dns_v4``...); read from the kernel by the caller
@@ -125,3 +133,53 @@ def classify(
         if matches(policy, pkt, uplink_ifs, sets, dns):
             return policy
     return None
+
+
+# ------------------------------------------------------------------ what if
+
+
+def _uplinks(names: tuple[str, ...], fallback: str) -> str:
+    return ",".join(names) or fallback
+
+
+def writes(plan: Plan) -> int:
+    """How many kernel writes applying the plan takes (an nft update is one transaction)."""
+    return (len(plan.rules_add) + len(plan.rules_remove) + len(plan.routes_set) + len(plan.routes_remove)
+            + len(plan.sysctls) + (0 if plan.nft.empty else 1))
+
+
+def what_if(now: DesiredState, then: DesiredState, plan: Plan, mask: int,
+            conntrack: Mapping[str, int]) -> list[str]:
+    """The lines of the what-if: transitions, kernel writes, conntrack entries that would go.
+
+    Sysctl changes pending now are not the failover's: left out.
+    """
+    plan = dataclasses.replace(plan, sysctls=tuple(s for s in plan.sysctls if s not in now.sysctls))
+    lines: list[str] = []
+    before = {u.name: u for u in now.uplinks}
+    went = []
+    for u in then.uplinks:
+        old = before.get(u.name)
+        if old is not None and old.state == "up" and u.state == "down":
+            went.append(u)
+            lines.append(f"uplink down: {u.name}")
+    pbefore = {p.name: p for p in now.policies}
+    moved = 0
+    for p in then.policies:
+        old_p = pbefore.get(p.name)
+        if old_p is not None and old_p.active != p.active:
+            moved += 1
+            lines.append(f"policy moved: {p.name} was={_uplinks(old_p.active, old_p.fallback)} "
+                         f"now={_uplinks(p.active, p.fallback)}")
+    if plan.nft.chains:
+        lines.append(f"nft chains refilled: {', '.join(plan.nft.chains)}")
+    elif plan.nft.replace:
+        lines.append("nft table replaced")
+    lines.extend(plan.lines())
+    for u in went:
+        count = conntrack.get(u.name)
+        shown = "" if count is None else f" ({count} entries now)"
+        lines.append(f"conntrack cleared: {u.name} ct mark {u.mark:#x}/{mask:#x}{shown}")
+    lines.append(f"{len(went)} uplinks down, {moved} policies moved, {writes(plan)} kernel writes, "
+                 f"{sum(conntrack.get(u.name, 0) for u in went)} conntrack entries cleared")
+    return lines

@@ -418,7 +418,8 @@ class NftSet:
     ``elements``; its elements are written by the "set elements" update
     without touching anything else. A dynamic set (``dynamic``: filled by
     dnsmasq, ``flags timeout``) is declared by markrouted but its elements are
-    never written nor removed by it: ``elements`` is always empty there.
+    never written nor removed by it: ``elements`` is always empty there. The
+    sticky-source sets are dynamic too, filled by the packet path (``learns``).
     """
 
     name: str
@@ -426,6 +427,11 @@ class NftSet:
     elements: tuple[Interval, ...] = ()
     dynamic: bool = False
     timeout: int = 0  # seconds, dynamic sets only
+    #: filled by the packet path (``update @set``: sticky sources), which needs nft's
+    #: ``dynamic`` flag; a set's role never changes under one name, so not in ``shape``
+    learns: bool = field(default=False, compare=False)
+    #: the most elements it holds (0: the kernel's default); bounds a learning set
+    size: int = field(default=0, compare=False)
 
     @property
     def shape(self) -> tuple[str, int, bool, int]:
@@ -443,7 +449,10 @@ class NftSet:
     def text(self) -> list[str]:
         lines = [f"\tset {self.name} {{", f"\t\ttype {self.type}"]
         if self.dynamic:
-            lines.append(f"\t\tflags timeout\n\t\ttimeout {self.timeout}s")
+            flags = "dynamic,timeout" if self.learns else "timeout"
+            lines.append(f"\t\tflags {flags}\n\t\ttimeout {self.timeout}s")
+            if self.size:
+                lines.append(f"\t\tsize {self.size}")
         else:
             lines.append("\t\tflags interval\n\t\tauto-merge")
             if self.elements:
@@ -532,6 +541,11 @@ class PolicyStatus:
     families: tuple[int, ...]
     #: the uplinks carrying new flows, per family: ((AF_INET, ("wan1",)), ...)
     by_family: tuple[tuple[int, tuple[str, ...]], ...] = ()
+    tiers: tuple[tuple[str, ...], ...] = ()  # the members of each tier, in order
+    tier: int | None = None  # the index of the tier carrying it now; None: none usable
+    action: Literal["main", "drop"] | None = None  # a bypass policy (no tiers)
+    failback: Literal["new-flows", "migrate"] = "new-flows"
+    label: int | None = None  # the ct label bit of its flows (failback = "migrate")
 
 
 @dataclass(frozen=True)

@@ -164,3 +164,18 @@ def vmap(key: X, entries: Iterable[tuple[X, X]]) -> X:
         '{"vmap":{"data":{"set":[' + ",".join("[" + canonical(k) + "," + canonical(v) + "]" for k, v in pairs)
         + ']},"key":' + canonical(key) + "}}",
     )
+
+
+def jump(chain: str) -> X:
+    return X({"jump": {"target": chain}}, f"jump {chain}", '{"jump":{"target":' + _quote(chain) + "}}")
+
+
+def set_ref(name: str) -> X:
+    """A named set of the table, as the right side of a match (``ip saddr @name``)."""
+    return X("@" + name, "@" + name, _quote("@" + name))
+
+
+def set_update(name: str, key: X) -> X:
+    """``update @name { key }``: add the key, or restart its timeout (a dynamic set)."""
+    return X({"set": {"op": "update", "elem": key.json, "set": "@" + name}}, f"update @{name} {{ {key.text} }}",
+             '{"set":{"elem":' + canonical(key) + ',"op":"update","set":' + _quote("@" + name) + "}}")

@@ -30,18 +30,26 @@ def _policies(desired: DesiredState) -> dict[str, Any]:
             "active": list(p.active),
             "fallback": p.fallback,
             "families": [family_name(f) for f in p.families],
+            "tiers": [list(t) for t in p.tiers],
+            "tier": p.tier,
+            "action": p.action,
+            "failback": p.failback,
         }
         for p in desired.policies
     }
 
 
 def sets_document(desired: DesiredState) -> dict[str, Any]:
-    """Each named nft set: its family, and its element count (static) or null (dnsmasq's, read live)."""
+    """Each named nft set: its family, and its element count (static) or null (dnsmasq's, read live).
+
+    The sticky-source sets (filled by the packet path) are the policies' business,
+    not sets of the config: they are not listed.
+    """
     assert desired.nft is not None
     return {
         s.name: {"family": f"ipv{s.version}", "dnsmasq": s.dynamic,
                  "elements": None if s.dynamic else len(s.elements)}
-        for s in desired.nft.sets
+        for s in desired.nft.sets if not s.learns
     }
 
 
@@ -174,6 +182,14 @@ def _target_figures(t: Mapping[str, Any]) -> str:
     return text
 
 
+def tiers_text(tiers: list[list[str]], carrying: int | None) -> str:
+    """``[a+b] > c``: tiers in order, members of a balanced tier joined by '+', the carrying one bracketed."""
+    parts = ["+".join(tier) for tier in tiers]
+    if carrying is not None and 0 <= carrying < len(parts) and len(parts) > 1:
+        parts[carrying] = f"[{parts[carrying]}]"
+    return " > ".join(parts) or "-"
+
+
 def render(doc: Mapping[str, Any]) -> str:
     lines = []
     source = "daemon (pid %s)" % doc["pid"] if doc.get("pid") else "computed (no daemon running)"
@@ -219,10 +235,13 @@ def render(doc: Mapping[str, Any]) -> str:
         lines.extend(_table(rows))
     policies = doc.get("policies", {})
     if policies:
-        rows = [["POLICY", "CARRIED BY", "FALLBACK"]]
+        rows = [["POLICY", "CARRIED BY", "TIERS", "FALLBACK"]]
         for name, p in policies.items():
+            if p.get("action"):
+                rows.append([name, f"bypass ({p['action']})", "-", "-"])
+                continue
             active = ", ".join(p["active"]) if p["active"] else f"none ({p['fallback']})"
-            rows.append([name, active, p["fallback"]])
+            rows.append([name, active, tiers_text(p.get("tiers") or [], p.get("tier")), p["fallback"]])
         lines.append("")
         lines.extend(_table(rows))
     return "\n".join(lines)

@@ -95,7 +95,7 @@ class FakeKernel:
         self.writes: list[Write] = []
         self.faults: list[Fault] = []
         #: (mark, mask) of every conntrack clear, in order
-        self.conntrack_cleared: list[tuple[int, int]] = []
+        self.conntrack_cleared: list[tuple[int, ...]] = []
         self.closed = False
 
     # ------------------------------------------------------------ test helpers
@@ -232,9 +232,9 @@ class FakeKernel:
             chains.append(dataclasses.replace(chain, rules=want.rules) if want else chain)
         self.nft = NftTable(tuple(chains), sets)
 
-    def clear_conntrack(self, mark: int, mask: int) -> None:
-        self._write("clear_conntrack", (mark, mask))
-        self.conntrack_cleared.append((mark, mask))
+    def clear_conntrack(self, mark: int, mask: int, label: int | None = None) -> None:
+        self._write("clear_conntrack", (mark, mask) if label is None else (mark, mask, label))
+        self.conntrack_cleared.append((mark, mask) if label is None else (mark, mask, label))
 
     def close(self) -> None:
         self.closed = True

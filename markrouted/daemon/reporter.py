@@ -152,6 +152,35 @@ def summary_line(head: str, desired: DesiredState, policies: int, writes: int, s
     return text + f" in {seconds * 1000:.0f} ms"
 
 
+def migrations(previous: DesiredState | None, now: DesiredState) -> list[tuple[PolicyStatus, UplinkStatus]]:
+    """The flows to clear for ``failback = "migrate"``: (policy, uplink) pairs.
+
+    When a migrating policy moved to a better tier (an uplink came back, or a
+    reload reordered its tiers), its flows still on an uplink it left that is
+    now worse than the carrying tier, or no longer one of its uplinks, must
+    re-route: they are told from other policies' flows by the policy's
+    conntrack label bit. An uplink that went down is not here: all its flows
+    are cleared anyway (``went_down``).
+    """
+    if previous is None:
+        return []
+    before = {p.name: p for p in previous.policies}
+    uplinks = {u.name: u for u in now.uplinks}
+    out = []
+    for p in now.policies:
+        old = before.get(p.name)
+        if p.failback != "migrate" or p.label is None or p.tier is None or old is None or old.active == p.active:
+            continue
+        rank = {name: i for i, tier in enumerate(p.tiers) for name in tier}
+        for name in old.active:
+            u = uplinks.get(name)
+            if name in p.active or u is None or u.state != "up":
+                continue
+            if rank.get(name, len(p.tiers)) > p.tier:
+                out.append((p, u))
+    return out
+
+
 def log_transitions(log: Any, previous: DesiredState | None, now: DesiredState, writes: int, trigger: str,
                     pending: Callable[[str], bool], plan: Plan | None = None) -> None:
     """One journal line per change a pass made visible: uplinks, policies, repaired drift.
@@ -211,9 +240,14 @@ def file_digest(path: str) -> str:
         return ""
 
 
-async def clear_dead(log: Any, clear: Callable[[int, int], Awaitable[None]], previous: DesiredState | None,
+async def clear_dead(log: Any, clear: Callable[..., Awaitable[None]], previous: DesiredState | None,
                      now: DesiredState, mask: int) -> None:
-    """Flows pinned to an uplink that just became unusable must re-route: clear its ct mark."""
+    """Flows that must re-route now lose their conntrack entries.
+
+    Those pinned to an uplink that just became unusable (its ct mark), and, for
+    ``failback = "migrate"``, a policy's flows still on a worse uplink (its ct
+    mark and the policy's ct label bit: other policies' flows there stay).
+    """
     for u in went_down(previous, now):
         try:
             await clear(u.mark, mask)
@@ -221,13 +255,20 @@ async def clear_dead(log: Any, clear: Callable[[int, int], Awaitable[None]], pre
                      reason="uplink down")
         except KernelError as exc:
             log.error("conntrack clear failed", uplink=u.name, error=str(exc))
+    for p, u in migrations(previous, now):
+        try:
+            await clear(u.mark, mask, p.label)
+            log.info("conntrack cleared", uplink=u.name, policy=p.name,
+                     object=f"ct mark {u.mark:#x}/{mask:#x} ct label {p.label}", reason="failback")
+        except KernelError as exc:
+            log.error("conntrack clear failed", uplink=u.name, policy=p.name, error=str(exc))
 
 
 class Reporter:
     """Holds the daemon's published view and says it to the file, systemd and the journal."""
 
     def __init__(self, config_path: str, log: Any, notify: Notify, run_dir: str, monitor: Monitor,
-                 clear: Callable[[int, int], Awaitable[None]], clock: Clock) -> None:
+                 clear: Callable[..., Awaitable[None]], clock: Clock) -> None:
         self.config_path, self.log, self.notify, self.run_dir = config_path, log, notify, run_dir
         self.monitor, self.clear, self.clock = monitor, clear, clock
         self._publisher: Publisher | None = None

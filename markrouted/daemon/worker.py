@@ -98,8 +98,11 @@ class Worker:
         """The worker thread's id (nf_tables names it as the writer of our transactions)."""
         return await self._call(threading.get_native_id)
 
-    async def clear_conntrack(self, mark: int, mask: int) -> None:
-        await self._call(lambda: self._open().clear_conntrack(mark, mask))
+    async def clear_conntrack(self, mark: int, mask: int, label: int | None = None) -> None:
+        if label is None:
+            await self._call(lambda: self._open().clear_conntrack(mark, mask))
+        else:
+            await self._call(lambda: self._open().clear_conntrack(mark, mask, label))
 
     async def flush(self, config: Config, old_ranges: Iterable[int], log: Any) -> int:
         """Remove everything markrouted owns, in the current and remembered priority ranges."""

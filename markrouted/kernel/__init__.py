@@ -73,7 +73,9 @@ class KernelAPI(Protocol):
         """One transaction: replace the table, refill raw-refillable chains, or remove it."""
         ...
 
-    def clear_conntrack(self, mark: int, mask: int) -> None: ...
+    def clear_conntrack(self, mark: int, mask: int, label: int | None = None) -> None:
+        """Delete the entries with ``mark`` under ``mask`` (and, if given, that ct label bit)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -170,8 +172,12 @@ class Kernel:
     def nft_apply(self, update: NftUpdate, desired: NftTable | None) -> None:
         self.nft.apply(update, desired)
 
-    def clear_conntrack(self, mark: int, mask: int) -> None:
-        """Delete the conntrack entries whose ct mark is ``mark`` under ``mask`` (all families)."""
-        from .conntrack import clear_mark
+    def clear_conntrack(self, mark: int, mask: int, label: int | None = None) -> None:
+        """Delete the conntrack entries whose ct mark is ``mark`` under ``mask`` (all families);
+        with ``label``, only those that also carry that ct label bit."""
+        from .conntrack import clear_labelled, clear_mark
 
-        clear_mark(mark, mask)
+        if label is None:
+            clear_mark(mark, mask)
+        else:
+            clear_labelled(mark, mask, label)

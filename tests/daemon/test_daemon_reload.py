@@ -120,7 +120,8 @@ def test_reload_that_moves_the_rules_and_drops_an_uplink_leaves_nothing_behind(n
            "wan2's routes gone")
     doc = d.wait(lambda: (s := d.status()) and list(s["uplinks"]) == ["wan1"] and s, "status without wan2")
     assert doc["in_sync"] and doc["policies"] == {"web": {"active": ["wan1"], "fallback": "main",
-                                                          "families": ["ipv4", "ipv6"]}}
+                                                          "families": ["ipv4", "ipv6"], "tiers": [["wan1"]],
+                                                          "tier": 0, "action": None, "failback": "new-flows"}}
     assert "set_wan2" not in net.nft("table", "inet", "markrouted")
     plan = net.host.markrouted("plan", config=str(d.config), env={"MARKROUTED_RUN_DIR": str(d.run_dir)})
     assert plan.returncode == 0, plan.stdout + plan.stderr

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
-from conftest import missing  # the suite's root conftest
+from conftest import missing, need_root  # the suite's root conftest
 
-from lab.topology import Lab, lab_config
+from lab.topology import PYTHON, ROOT, Lab, lab_config
 from markrouted.kernel import CGROUP_ROOT, cgroup_layout
 
 
@@ -31,6 +34,43 @@ def apply(lab: Lab, write_config: Callable[..., str]) -> Callable[..., str]:
         if path is None:
             path = write_config(lab_config(*policies, **sections))
         lab.markrouted("apply", "-q", config=path)
+        return path
+
+    return go
+
+
+def start_daemon(lab: Lab, path: str) -> Any:
+    """``markrouted run`` on the config at ``path`` in the lab's host (stopped with the lab).
+
+    For what only the daemon does: health verdicts, conntrack clearing.
+    """
+    from tests.health.conftest import Running
+
+    proc = lab.popen("host", PYTHON, "-m", "markrouted", "-c", path, "run", "--log", "console",
+                     env=lab.markrouted_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    running = Running(lab, proc, path)
+    running.reader = threading.Thread(target=running._read, daemon=True)
+    running.reader.start()
+    running.wait("the first status document", lambda d: True)
+    return running
+
+
+@pytest.fixture
+def lab3() -> Iterator[Lab]:
+    """The lab with its third ISP (isp3 behind the host's eth2)."""
+    need_root()
+    with Lab(third=True) as the_lab:
+        yield the_lab
+
+
+@pytest.fixture
+def apply3(lab3: Lab, write_config: Callable[..., str]) -> Callable[..., str]:
+    """``apply`` for ``lab3``: the config has wan3 (eth2, isp3) too."""
+
+    def go(*policies: str, path: str | None = None, **sections: str) -> str:
+        if path is None:
+            path = write_config(lab_config(*policies, wan3=sections.pop("wan3", ""), **sections))
+        lab3.markrouted("apply", "-q", config=path)
         return path
 
     return go

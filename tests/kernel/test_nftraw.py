@@ -44,7 +44,7 @@ if ROOT not in sys.path:
 
 from markrouted import nftexpr as nx  # noqa: E402
 from markrouted.config import Policy  # noqa: E402
-from markrouted.derive import _pick_rules, _rule  # noqa: E402
+from markrouted.derive import _alive_rules, _pick_rules, _rule  # noqa: E402
 from markrouted.model import NftChain, NftRule  # noqa: E402
 
 TABLE = "markrouted"
@@ -66,13 +66,20 @@ def derived_shapes() -> dict[str, tuple[NftRule, ...]]:
             policies.append(Policy(0, "failover", uplinks=names[:k], fallback=fallback))
             for weights in {(3, 1, 2, 5)[:k], (1,) * k, (WEIGHT_MAX,) * k, (WEIGHT_MAX, 1, 999, 7)[:k]}:
                 policies.append(Policy(0, "balance", balance=tuple(zip(names, weights)), fallback=fallback))
+    # tiers: a balanced tier before single ones, and the sticky sources' alive_ chains
+    policies.append(Policy(0, "tiers", uplinks=names, tiers=(((names[0], 3), (names[1], 1)), ((names[2], 1),),
+                                                             ((names[3], 1),))))
     states = ((), (AF_INET,), (AF_INET6,), (AF_INET, AF_INET6))
     shapes: dict[str, tuple[NftRule, ...]] = {}
     for policy in policies:
-        uplinks = [n for n, _ in policy.balance] or list(policy.uplinks)
+        uplinks = list(policy.members)
         for usable in itertools.product(states, repeat=len(uplinks)):
-            rules = tuple(_pick_rules(policy, dict(zip(uplinks, usable))))
+            now = dict(zip(uplinks, usable))
+            rules = tuple(_pick_rules(policy, now))
             shapes.setdefault(" / ".join(r.text for r in rules) or "(empty)", rules)
+            for name in uplinks:
+                alive = tuple(_alive_rules(policy, name, now))
+                shapes.setdefault(" / ".join(r.text for r in alive) or "(empty)", alive)
     return shapes
 
 

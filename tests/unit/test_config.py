@@ -485,17 +485,17 @@ ERROR_CASES = [
     ),
     pytest.param(
         policy("uplinks = [1]"),
-        ["policy[0] (x).uplinks[0]: expected a string, got integer"],
+        ["policy[0] (x).uplinks[0]: expected an uplink name or a table of weights, got integer"],
         id="policy-uplinks-int",
     ),
     pytest.param(
         policy('uplinks = ["wan1"]\nbalance = { wan1 = 1 }'),
-        ["policy[0] (x): give either uplinks or balance, not both"],
+        ["policy[0] (x): give one of uplinks, balance or action, not uplinks and balance"],
         id="policy-uplinks-and-balance",
     ),
     pytest.param(
         policy('fallback = "drop"'),
-        ["policy[0] (x): one of uplinks or balance is required"],
+        ["policy[0] (x): one of uplinks, balance or action is required"],
         id="policy-no-target",
     ),
     pytest.param(
@@ -1154,6 +1154,10 @@ def test_shipped_config_shows_every_key() -> None:
         "uplinks",
         "balance",
         "fallback",
+        "failback",
+        "sticky",
+        "sticky_timeout",
+        "action",
     }
 
 

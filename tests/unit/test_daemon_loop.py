@@ -89,9 +89,9 @@ class Kernel(FakeKernel):
             raise OSError(9, "Bad file descriptor")
         return super().observe(config)
 
-    def clear_conntrack(self, mark: int, mask: int) -> None:
+    def clear_conntrack(self, mark: int, mask: int, label: int | None = None) -> None:
         self._note("clear_conntrack")
-        super().clear_conntrack(mark, mask)
+        super().clear_conntrack(mark, mask, label)
 
     def close(self) -> None:
         self._note("close")
