@@ -98,7 +98,7 @@ def test_markrouted_8_documents_every_command_and_option(tmp_path: Any) -> None:
 def _documented_keys(page: genman.Page) -> dict[tuple[str, str], str | None]:
     """(table, key) -> the default the page states (a TOML value), or None."""
     table_of = {("SETTINGS", ""): "settings", ("UPLINKS", ""): "uplink", ("UPLINKS", "Health check"): "check",
-                ("POLICIES", ""): "policy"}
+                ("POLICIES", ""): "policy", ("SETS", ""): "sets"}
     out: dict[tuple[str, str], str | None] = {}
     for section, sub, term in item_terms(page):
         table = table_of.get((section, sub))
@@ -125,6 +125,7 @@ MINIMAL = {
     "check": ("[uplinks.u]\ninterface = \"eth0\"\ntable = 101\nmark = 1\n[uplinks.u.check]\ntargets = [\"192.0.2.1\"]\n",
               "[uplinks.u]\ninterface = \"eth0\"\ntable = 101\nmark = 1\n[uplinks.u.check]\n"
               "targets = [\"192.0.2.1\"]\n{kv}\n"),
+    "sets": ("[sets.s]\nelements = [\"192.0.2.0/24\"]\n", "[sets.s]\nelements = [\"192.0.2.0/24\"]\n{kv}\n"),
     "policy": ("[uplinks.u]\ninterface = \"eth0\"\ntable = 101\nmark = 1\n[[policy]]\nname = \"p\"\nuplinks = [\"u\"]\n",
                "[uplinks.u]\ninterface = \"eth0\"\ntable = 101\nmark = 1\n[[policy]]\nname = \"p\"\n"
                "uplinks = [\"u\"]\n{kv}\n"),
