@@ -384,6 +384,9 @@ class NftChain:
 @dataclass(frozen=True)
 class NftTable:
     chains: tuple[NftChain, ...]
+    #: the named counters its rules count into (``derive.counter_name``); not
+    #: compared: the rules naming them are, and a replace re-declares them
+    counters: tuple[str, ...] = field(default=(), compare=False)
 
     def chain(self, name: str) -> NftChain | None:
         for chain in self.chains:
@@ -391,9 +394,16 @@ class NftTable:
                 return chain
         return None
 
-    def text(self) -> str:
-        """The table in nft's own syntax, as ``nft list table`` would show it."""
+    def text(self, counts: Mapping[str, tuple[int, int]] | None = None) -> str:
+        """The table in nft's own syntax, as ``nft list table`` would show it.
+
+        ``counts`` (name -> packets, bytes) starts the named counters where the
+        table being replaced left them, so a replace does not zero them.
+        """
         lines = [f"table {NFT_FAMILY} {NFT_TABLE} {{"]
+        for name in self.counters:
+            packets, nbytes = (counts or {}).get(name, (0, 0))
+            lines.append(f"\tcounter {name} {{ packets {packets} bytes {nbytes} }}")
         for chain in self.chains:
             lines.append(f"\tchain {chain.name} {{")
             if chain.base:
