@@ -150,7 +150,7 @@ def _live_health() -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import document, read_live, render
+    from .status import document, read_live, render, with_counters
 
     doc = read_live()
     if doc is None:
@@ -159,7 +159,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         config = _load(args)
         kernel = _kernel(args)
         result = compute(config, kernel)
-        doc = document(result.desired, result.plan.empty)
+        doc = document(result.desired, result.plan.empty, mark_mask=f"{config.settings.mark_mask:#010x}")
+    doc = with_counters(doc)
     if args.json:
         import json
 

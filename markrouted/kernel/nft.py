@@ -16,6 +16,8 @@ transaction that happens entirely or not at all:
   not the table, and skips libnftables' fetch of the whole table. The diff
   asks for a refill only when every changed chain is in the raw vocabulary
   (``NftChain.raw_refillable``), otherwise for a replace;
+  The named counters are re-declared in that script with the values they
+  had just before (``counters.read_counters``), so a replace does not zero them;
 * remove (``NftUpdate.remove``): ``add table; delete table`` through libnftables.
 
 Reading is done by ``nftdump`` (two kernel-filtered nfnetlink dumps decoded
@@ -42,11 +44,13 @@ Which nf_tables notifications concern the table is decided here too
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from ..model import NFT_FAMILY, NFT_TABLE, NftChain, NftTable, NftUpdate
 from .errors import KernelError, Unsupported, denied
 from .nl import NFPROTO_INET
+from .counters import read_counters
 from .nftdump import NftDumper
 from .nftraw import RawRefill
 
@@ -102,9 +106,23 @@ def next_generation(gen: int) -> int:
     return (gen + 1) % _GEN_MOD or 1
 
 
-def replace_script(table: NftTable) -> str:
-    """The replace transaction as one nft script."""
-    return _DELETE + table.text() + "\n"
+def replace_script(table: NftTable, counts: Mapping[str, tuple[int, int]] | None = None) -> str:
+    """The replace transaction as one nft script; ``counts`` carry the named counters over."""
+    return _DELETE + table.text(counts) + "\n"
+
+
+def carried_counts(table: NftTable) -> dict[str, tuple[int, int]]:
+    """The current values of the table's named counters, for the replace to start from.
+
+    Read just before the replace: what is counted in between (microseconds) is
+    lost, nothing more. Unreadable (no table yet, an old kernel): start at zero.
+    """
+    if not table.counters:
+        return {}
+    try:
+        return read_counters()
+    except (KernelError, OSError):
+        return {}
 
 
 def refilled(table: NftTable | None, desired: NftTable, names: tuple[str, ...]) -> NftTable | None:
@@ -184,7 +202,7 @@ class Nft:
             self._script(_DELETE, f"delete table {_TABLE}")
             after = None
         elif update.replace:
-            self._script(replace_script(desired), f"replace table {_TABLE}")
+            self._script(replace_script(desired, carried_counts(desired)), f"replace table {_TABLE}")
             after = desired
         else:
             chains = [c for c in (desired.chain(name) for name in update.chains) if c is not None]
