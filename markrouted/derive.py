@@ -48,6 +48,7 @@ from .model import (
     RANGE_CHAIN,
     RT_SCOPE_LINK,
     RTN_UNREACHABLE,
+    counter_name,
     Address,
     BaseHook,
     DesiredState,
@@ -290,18 +291,6 @@ HOOKS = ("prerouting", "output")
 # ------------------------------------------------------------------ named counters
 
 
-def counter_name(kind: str, name: str) -> str:
-    """The named nft counter of a policy (``kind`` "policy") or an uplink ("uplink").
-
-    An nft identifier: letters, digits and ``_.-/`` only. Policy names may hold
-    ``:``, which nft refuses there; such a name is spelt in hex under another
-    prefix, so two policies never share a counter.
-    """
-    if ":" in name:
-        return f"{kind}x_{name.encode().hex()}"
-    return f"{kind}_{name}"
-
-
 def _count(kind: str, name: str) -> nx.X:
     counter = counter_name(kind, name)
     return nx.X({"counter": counter}, f"counter name {counter}")
@@ -311,6 +300,7 @@ def counters(config: Config) -> tuple[str, ...]:
     """Every named counter of the table: one per policy, one per uplink."""
     return tuple([counter_name("policy", p.name) for p in config.policies]
                  + [counter_name("uplink", u.name) for u in config.uplinks])
+
 
 # Expressions many policies share, built once (an X is immutable).
 _L4PROTO = {number: nx.match(nx.meta("l4proto"), _proto(number)) for number in PROTO_NAMES}

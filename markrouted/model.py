@@ -88,6 +88,18 @@ def recorded_ranges(table: NftTable | None) -> set[int]:
     return out
 
 
+def counter_name(kind: str, name: str) -> str:
+    """The named nft counter of a policy (``kind`` "policy") or an uplink ("uplink").
+
+    An nft identifier: letters, digits and ``_.-/`` only. Policy names may hold
+    ``:``, which nft refuses there; such a name is spelt in hex under another
+    prefix, so two policies never share a counter.
+    """
+    if ":" in name:
+        return f"{kind}x_{name.encode().hex()}"
+    return f"{kind}_{name}"
+
+
 def family_name(family: int) -> str:
     return "ipv4" if family == AF_INET else "ipv6"
 

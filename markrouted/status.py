@@ -139,7 +139,7 @@ def with_counters(doc: dict[str, Any]) -> dict[str, Any]:
     (its ``set_`` and ``restore_`` chains). Reading them needs CAP_NET_ADMIN:
     without it (or without a table) the document says why and has no counts.
     """
-    from .derive import counter_name
+    from .model import counter_name
     from .kernel.counters import count_flows, read_counters
     from .kernel.errors import KernelError
 
