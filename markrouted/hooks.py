@@ -23,9 +23,10 @@ How they stay out of the way (docs/design.md, "Hooks"):
   it); whatever it left behind is killed when it exits too. The first
   ``OUTPUT_MAX`` bytes of its output (stdout and stderr) go to the journal with
   its exit status; the rest is read and discarded;
-* StrictModes: a hook file (and the directory) must be owned by root and
-  writable by no one else, or it is refused, logged and skipped: whoever can
-  write it could otherwise run code as the daemon.
+* StrictModes: a hook file (and the directory) must be owned by root (or the
+  user the daemon runs as) and writable by no one else, or it is refused,
+  logged and skipped: whoever can write it could otherwise run code as the
+  daemon.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Event:
 
 def hook_problem(st: os.stat_result, what: str = "file") -> str | None:
     """Why a hook file (or the directory) must not be trusted, like sshd's StrictModes; None: fine."""
-    if st.st_uid != 0:
+    if st.st_uid not in (0, os.geteuid()):
         return f"the {what} is owned by uid {st.st_uid}, not root"
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         return f"the {what} is writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'}"
@@ -152,7 +153,10 @@ class Hooks:
     async def _serve(self, key: str, event: Event, coalesced: int) -> None:
         try:
             while True:
-                await self._run_all(event, coalesced)
+                try:
+                    await self._run_all(event, coalesced)
+                except Exception as exc:  # a bug here must not end the hooks of this key for good
+                    self.log.error("hooks not run", hook_event=event.event, error=str(exc))
                 if key not in self._pending:
                     return
                 event, coalesced = self._pending.pop(key)
@@ -190,7 +194,7 @@ class Hooks:
                                      stderr=asyncio.subprocess.STDOUT, env=dict(env), cwd="/",
                                      start_new_session=True, close_fds=True)
         except OSError as exc:
-            self.log.warning("hook failed to start", hook=escape(name), event=event.event,
+            self.log.warning("hook failed to start", hook=escape(name), hook_event=event.event,
                              error=exc.strerror or str(exc))
             return
         kept = bytearray()
@@ -214,7 +218,7 @@ class Hooks:
             reader.cancel()
             raise
         output = kept.decode("utf-8", "replace").rstrip("\n")
-        fields = dict(hook=escape(name), event=event.event, uplink=event.uplink or None,
+        fields = dict(hook=escape(name), hook_event=event.event, uplink=event.uplink or None,
                       output=escape(output) if output else None)
         if timed_out:
             self.log.warning("hook killed after timeout", timeout=f"{self.timeout:g}s", **fields)
