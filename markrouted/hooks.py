@@ -189,16 +189,26 @@ class Hooks:
     async def _run(self, path: str, event: Event, env: Mapping[str, str], data: bytes) -> None:
         name = os.path.basename(path)
         self.runs += 1
+        # the output pipe is ours, not the subprocess transport's: its wait() would
+        # last as long as anything (a forked child) holds the pipe open
+        rfd, wfd = os.pipe2(os.O_CLOEXEC)
         try:
-            proc = await self._spawn(path, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            proc = await self._spawn(path, stdin=asyncio.subprocess.PIPE, stdout=wfd,
                                      stderr=asyncio.subprocess.STDOUT, env=dict(env), cwd="/",
                                      start_new_session=True, close_fds=True)
         except OSError as exc:
+            os.close(rfd)
             self.log.warning("hook failed to start", hook=escape(name), hook_event=event.event,
                              error=exc.strerror or str(exc))
             return
+        finally:
+            os.close(wfd)
+        loop = asyncio.get_running_loop()
+        stream = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stream),
+                                                    os.fdopen(rfd, "rb", buffering=0))
         kept = bytearray()
-        reader = asyncio.get_running_loop().create_task(self._read(proc, kept))
+        reader = loop.create_task(self._read(stream, kept))
         timed_out = False
         try:
             try:
@@ -217,6 +227,8 @@ class Hooks:
             _kill_group(proc.pid)
             reader.cancel()
             raise
+        finally:
+            transport.close()
         output = kept.decode("utf-8", "replace").rstrip("\n")
         fields = dict(hook=escape(name), hook_event=event.event, uplink=event.uplink or None,
                       output=escape(output) if output else None)
@@ -240,11 +252,9 @@ class Hooks:
             proc.stdin.close()
 
     @staticmethod
-    async def _read(proc: Any, kept: bytearray) -> None:
-        if proc.stdout is None:
-            return
+    async def _read(stream: asyncio.StreamReader, kept: bytearray) -> None:
         while True:
-            chunk = await proc.stdout.read(65536)
+            chunk = await stream.read(65536)
             if not chunk:
                 return
             if len(kept) < OUTPUT_MAX:

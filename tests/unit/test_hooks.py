@@ -131,6 +131,10 @@ def test_a_storm_coalesces_per_key_and_keeps_order(hookdir: Path, tmp_path: Path
 def test_hanging_forking_flooding_failing_hooks_are_bounded(hookdir: Path, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     write_hook(hookdir, "10-hang", f"#!/bin/sh\nsleep 1000 &\necho $! > {pids}\nsleep 1000\n")
+    escaped = tmp_path / "escaped"
+    # leaves a child in a session of its own, holding the output pipe open
+    write_hook(hookdir, "15-escape", f"#!/bin/sh\nsetsid sh -c 'echo $$ > {escaped}; exec sleep 1000' &\n"
+               f"while [ ! -s {escaped} ]; do sleep 0.01; done\n")
     write_hook(hookdir, "20-flood", "#!/bin/sh\nhead -c 100000000 /dev/zero | tr '\\0' x\n")
     write_hook(hookdir, "30-fail", "#!/bin/sh\necho broken >&2\nexit 1\n")
     log = Log()
@@ -153,13 +157,17 @@ def test_hanging_forking_flooding_failing_hooks_are_bounded(hookdir: Path, tmp_p
         await hooks.idle()
         t.cancel()
 
-    run(body)
+    try:
+        run(body)
+    finally:
+        if escaped.exists():
+            os.kill(int(escaped.read_text()), 9)
     killed = log.named("hook killed after timeout")
     assert [k["hook"] for k in killed] == ["10-hang"]
     child = int(pids.read_text())
     assert not alive(child)  # its forked child died with it (killed with the hook's process group)
-    flood = log.named("hook done")
-    assert [f["hook"] for f in flood] == ["20-flood"] and len(flood[0]["output"]) == OUTPUT_MAX
+    done = log.named("hook done")
+    assert [f["hook"] for f in done] == ["15-escape", "20-flood"] and len(done[1]["output"]) == OUTPUT_MAX
     failed = log.named("hook failed")
     assert failed == [{"hook": "30-fail", "hook_event": "uplink-down", "uplink": "isp1", "status": 1,
                        "output": "broken"}]
