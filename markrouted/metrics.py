@@ -31,6 +31,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .config import Config
@@ -207,6 +208,7 @@ class CounterCache:
         self._at = -1e18
         self._reading: asyncio.Future[Reading] | None = None
         self.reads = 0
+        self._thread: ThreadPoolExecutor | None = None  # its own: never waits behind other work
 
     async def get(self) -> Reading:
         now = time.monotonic()
@@ -220,11 +222,18 @@ class CounterCache:
     async def _read(self) -> Reading:
         try:
             self.reads += 1
-            value = await asyncio.to_thread(self.read)
+            if self._thread is None:
+                self._thread = ThreadPoolExecutor(1, thread_name_prefix="markrouted-counters")
+            value = await asyncio.get_running_loop().run_in_executor(self._thread, self.read)
             self._value, self._at = value, time.monotonic()
             return value
         finally:
             self._reading = None
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
 
 def kernel_reader(marks: Callable[[], tuple[list[int], int]]) -> Callable[[], Reading]:

@@ -75,6 +75,7 @@ class Observer:
     async def close(self) -> None:
         await self.started()
         await self.server.close()
+        self.counters.close()
         if self.hooks is not None:
             await self.hooks.close()
 
