@@ -299,24 +299,34 @@ class MetricsServer:
         await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
 
 
+def shown_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_error(address: tuple[str, int], exc: OSError) -> str:
+    """What a failed bind of the endpoint means, in words."""
+    import errno
+
+    where = f"metrics: cannot listen on {shown_address(address)}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"{where}: the port is in use"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{where}: no interface of this host has that address"
+    return f"{where}: {exc.strerror or exc}"
+
+
 def listen_problem(address: tuple[str, int]) -> str | None:
     """Why the endpoint could not listen at ``address`` now (None: it could), by binding a socket."""
-    import errno
     import socket
 
     host, port = address
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
     except OSError as exc:
-        shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
-        if exc.errno == errno.EADDRINUSE:
-            return f"metrics: cannot listen on {shown}: the port is in use"
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return f"metrics: cannot listen on {shown}: no interface of this host has that address"
-        return f"metrics: cannot listen on {shown}: {exc.strerror or exc}"
+        return bind_error(address, exc)
     finally:
         sock.close()
     return None

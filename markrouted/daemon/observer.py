@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import Config, ConfigError
 from ..hooks import Event, Hooks
-from ..metrics import CounterCache, Metrics, MetricsServer, kernel_reader, render
+from ..metrics import CounterCache, Metrics, MetricsServer, bind_error, kernel_reader, render, shown_address
 from ..model import DesiredState
 from ..monitor import Monitor
 from .reporter import went_down
@@ -57,13 +57,12 @@ class Observer:
         await self.server.close()
         if address is None:
             return
-        host, port = address
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        shown = shown_address(address)
         try:
             await self.server.start(address)
         except OSError as exc:
             self.log.error("metrics endpoint not served, routing goes on", object=shown,
-                           error=f"cannot listen on {shown}: {exc.strerror or exc}")
+                           error=bind_error(address, exc))
             return
         self.log.info("metrics endpoint listening", object=shown)
 
