@@ -85,12 +85,36 @@ def cmd_check(args: argparse.Namespace) -> int:
         ruleset = {"nftables": []}
     findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), kernel.netlink.foreign_route_tables())
     findings += [Finding("warning", text) for text in networkd_warnings()]
+    findings += _observe_findings(config)
     for f in findings:
         print(escape(str(f)))  # foreign table and chain names are anyone's text
     errors = sum(1 for f in findings if f.severity == "error")
     warnings = len(findings) - errors
     print(f"{shown_path(args.config)}: valid; kernel: {errors} errors, {warnings} warnings")
     return EXIT_ERROR if errors else EXIT_OK
+
+
+def _observe_findings(config: Any) -> list[Any]:
+    """The metrics endpoint's address (free? local?) and the hook directory (trusted?)."""
+    from .collisions import Finding
+
+    s = config.settings
+    out: list[Finding] = []
+    if s.metrics is not None:
+        from .metrics import listen_problem
+        from .status import read_live
+
+        problem = listen_problem(s.metrics)
+        if problem and "in use" in problem and read_live() is not None:
+            out.append(Finding("warning", problem + " (by the running daemon itself, if it serves metrics there)"))
+        elif problem:
+            out.append(Finding("error", problem))
+    if s.hooks is not None:
+        from .hooks import listing
+
+        for name, why in listing(s.hooks)[1]:
+            out.append(Finding("warning", f"hooks: {name} refused: {why}"))
+    return out
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

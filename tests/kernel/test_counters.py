@@ -1,0 +1,78 @@
+"""Counters in the kernel: named nft counters per policy and uplink, conntrack flows per mark,
+kept across a replace of the table; what ``status`` and ``check --kernel`` make of them.
+
+Traffic: TCP connection attempts from the host to port 22 (the ssh policy,
+carried by wan2), which leave towards the ISP namespace and are never
+answered: each is one classified packet and one conntrack entry, whatever the
+machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from .kernelhost import CONFIG, Host
+
+pytestmark = pytest.mark.kernel
+
+CONNECT = """\
+import socket, sys
+socks = []
+for i in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.setblocking(False)
+    s.connect_ex(("192.0.2.80", 22))
+    socks.append(s)
+"""
+
+
+def connect(host: Host, n: int) -> None:
+    host.sh("python3", "-c", CONNECT, str(n))
+
+
+def status(host: Host) -> dict[str, Any]:
+    proc = host.mr("status", "--json")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    assert "counters_error" not in doc, doc["counters_error"]
+    return doc
+
+
+def test_policy_and_uplink_counters_and_flows(host: Host) -> None:
+    host.apply()
+    connect(host, 3)
+    doc = status(host)
+    ssh, wan2 = doc["policies"]["ssh"], doc["uplinks"]["wan2"]
+    assert ssh["packets"] == 3 and ssh["bytes"] >= 3 * 40
+    assert ssh["flows"] == 3 and wan2["flows"] == 3 and doc["uplinks"]["wan1"]["flows"] == 0
+    assert wan2["packets"] >= 3  # the first packets, and any retransmission restored from the ct mark
+    assert doc["policies"]["web"]["packets"] == 0
+    text = host.mr("status").stdout
+    assert "FLOWS" in text and "PACKETS" in text
+
+
+def test_a_replace_of_the_table_keeps_the_counts(host: Host) -> None:
+    host.apply()
+    connect(host, 2)
+    assert status(host)["policies"]["ssh"]["packets"] == 2
+    # a new policy changes the hook chains: the table is replaced in one transaction
+    host.write(CONFIG + '\n[[policy]]\nname = "dns"\ndport = [53]\nuplinks = ["wan1"]\n')
+    before = host.sh("nft", "-a", "list", "chain", "inet", "markrouted", "output")
+    host.apply()
+    after = host.sh("nft", "-a", "list", "chain", "inet", "markrouted", "output")
+    assert before != after and "policy_dns" in after
+    doc = status(host)
+    assert doc["policies"]["ssh"]["packets"] == 2, "the replace zeroed the policy's counter"
+    assert doc["policies"]["dns"]["packets"] == 0
+    connect(host, 1)
+    assert status(host)["policies"]["ssh"]["packets"] == 3
+
+
+def test_check_kernel_says_when_the_metrics_address_cannot_be_used(host: Host) -> None:
+    host.write(CONFIG.replace("rule_priority = 10000\n", 'rule_priority = 10000\nmetrics = "192.0.2.99:9826"\n'))
+    proc = host.mr("check", "--kernel")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: metrics: cannot listen on 192.0.2.99:9826: no interface of this host has that address" in proc.stdout
