@@ -1114,7 +1114,8 @@ def test_shipped_config_examples_are_valid() -> None:
 def test_shipped_config_shows_every_key() -> None:
     data = tomllib.loads(_uncommented(SHIPPED.read_text()))
     assert set(data) == {"settings", "uplinks", "policy"}
-    assert set(data["settings"]) == {"mark_mask", "rule_priority", "resync", "keep_main_routes", "on_stop"}
+    assert set(data["settings"]) == {"mark_mask", "rule_priority", "resync", "keep_main_routes", "on_stop",
+                                    "metrics", "hooks", "hook_timeout"}
     uplink_keys = set().union(*(set(u) for u in data["uplinks"].values()))
     assert uplink_keys == {"interface", "table", "mark", "gateway", "gateway6", "masquerade", "check"}
     assert set(data["uplinks"]["wan1"]["check"]) == {
