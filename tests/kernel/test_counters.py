@@ -76,3 +76,35 @@ def test_check_kernel_says_when_the_metrics_address_cannot_be_used(host: Host) -
     proc = host.mr("check", "--kernel")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "error: metrics: cannot listen on 192.0.2.99:9826: no interface of this host has that address" in proc.stdout
+
+
+def test_status_without_the_capability_says_why_it_has_no_counts(host: Host) -> None:
+    """Next to a daemon (its document), as nobody: the document, and why there are no counts."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    host.apply()
+    run_dir = Path(tempfile.mkdtemp(prefix="mrcounters-"))  # readable by nobody, unlike tmp_path
+    os.chmod(run_dir, 0o755)
+    sleeper = subprocess.Popen([*host.ns.nsenter(), "sleep", "60"])  # a live pid in the namespace
+    try:
+        doc = {"pid": sleeper.pid, "in_sync": True, "mark_mask": "0x00ff0000",
+               "uplinks": {"wan2": {"state": "up", "interface": "wan2", "table": 102, "mark": "0x00020000"}},
+               "policies": {"ssh": {"active": ["wan2"], "fallback": "main", "families": ["ipv4"]}}}
+        (run_dir / "status.json").write_text(json.dumps(doc))
+        os.chmod(run_dir / "status.json", 0o644)
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"]
+        proc = host.ns.markrouted("status", "--json", prefix=nobody, env={"MARKROUTED_RUN_DIR": str(run_dir)})
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        got = json.loads(proc.stdout)
+        assert "CAP_NET_ADMIN" in got["counters_error"] or "permission" in got["counters_error"].lower()
+        assert "packets" not in got["policies"]["ssh"]
+        text = host.ns.markrouted("status", prefix=nobody, env={"MARKROUTED_RUN_DIR": str(run_dir)}).stdout
+        assert "counters not read: " in text
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        shutil.rmtree(run_dir, ignore_errors=True)
