@@ -23,6 +23,7 @@ from . import __version__
 from .text import escape, path as shown_path
 
 if TYPE_CHECKING:
+    from .collisions import Finding
     from .config import Config
 
 DEFAULT_CONFIG = "/etc/markrouted.toml"
@@ -94,7 +95,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_ERROR if errors else EXIT_OK
 
 
-def _observe_findings(config: Any) -> list[Any]:
+def _observe_findings(config: Config) -> list[Finding]:
     """The metrics endpoint's address (free? local?) and the hook directory (trusted?)."""
     from .collisions import Finding
 
