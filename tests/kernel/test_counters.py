@@ -108,3 +108,32 @@ def test_status_without_the_capability_says_why_it_has_no_counts(host: Host) -> 
         sleeper.kill()
         sleeper.wait()
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+READ = """\
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from markrouted.kernel.counters import count_flows, read_counters
+print(json.dumps({"counters": read_counters(), "flows": count_flows([0x10000, 0x20000], 0xff0000)}))
+"""
+
+
+def test_the_hand_written_dumps_read_what_nft_and_conntrack_show(host: Host) -> None:
+    """kernel/counters.py decodes nfnetlink itself: it must agree with nft's and conntrack's own tools."""
+    import shutil
+    import sys
+
+    from conftest import ROOT, missing
+
+    if shutil.which("conntrack") is None:
+        missing("needs conntrack (Debian package conntrack)")
+    host.apply()
+    connect(host, 4)
+    ours = json.loads(host.sh(sys.executable, "-c", READ, ROOT))
+    listed = json.loads(host.sh("nft", "-j", "list", "counters", "table", "inet", "markrouted"))
+    theirs = {c["counter"]["name"]: [c["counter"]["packets"], c["counter"]["bytes"]]
+              for c in listed["nftables"] if "counter" in c}
+    assert ours["counters"] == theirs and theirs["policy_ssh"][0] == 4
+    for mark, n in ((0x10000, 0), (0x20000, 4)):
+        out = host.sh("conntrack", "-L", "--mark", f"{mark:#x}/0xff0000", check=False)
+        assert ours["flows"][str(mark)] == n == len([line for line in out.splitlines() if line.strip()])
