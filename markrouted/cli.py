@@ -23,6 +23,7 @@ from . import __version__
 from .text import escape, path as shown_path
 
 if TYPE_CHECKING:
+    from .collisions import Finding
     from .config import Config
 
 DEFAULT_CONFIG = "/etc/markrouted.toml"
@@ -87,6 +88,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     findings += analyse(config, ruleset, kernel.netlink.foreign_rules(), kernel.netlink.foreign_route_tables())
     findings += networkd_findings(*networkd_state())
     findings += nm_findings(config, *nm_state())
+    findings += _observe_findings(config)
     for f in findings:
         print(escape(str(f)))  # foreign table and chain names are anyone's text
     errors = sum(1 for f in findings if f.severity == "error")
@@ -140,6 +142,29 @@ def cmd_what_if(args: argparse.Namespace, config: Config, down: list[str]) -> in
     for line in what_if(now.desired, then, plan, mask, counts):
         print(line)
     return EXIT_OK
+
+
+def _observe_findings(config: Config) -> list[Finding]:
+    """The metrics endpoint's address (free? local?) and the hook directory (trusted?)."""
+    from .collisions import Finding
+
+    s = config.settings
+    out: list[Finding] = []
+    if s.metrics is not None:
+        from .metrics import listen_problem
+        from .status import read_live
+
+        problem = listen_problem(s.metrics)
+        if problem and "in use" in problem and read_live() is not None:
+            out.append(Finding("warning", problem + " (by the running daemon itself, if it serves metrics there)"))
+        elif problem:
+            out.append(Finding("error", problem))
+    if s.hooks is not None:
+        from .hooks import listing
+
+        for name, why in listing(s.hooks)[1]:
+            out.append(Finding("warning", f"hooks: {name} refused: {why}"))
+    return out
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -202,7 +227,7 @@ def _live_health() -> dict[str, Any] | None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import document, read_live, render
+    from .status import document, read_live, render, with_counters
 
     doc = read_live()
     if doc is None:
@@ -211,12 +236,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         config = _load(args)
         kernel = _kernel(args)
         result = compute(config, kernel)
-        doc = document(result.desired, result.plan.empty)
+        doc = document(result.desired, result.plan.empty, mark_mask=f"{config.settings.mark_mask:#010x}")
     if doc.get("sets"):
         from .status import with_dnsmasq_counts
 
         names = [name for name, item in doc["sets"].items() if item.get("dnsmasq")]
         with_dnsmasq_counts(doc, {name: len(values) for name, values in _dns_held(names).items()})
+    doc = with_counters(doc)
     if args.json:
         import json
 

@@ -129,6 +129,12 @@ class Settings:
     keep_main_routes: bool = True
     on_stop: OnStop = "flush"
     """``"flush"`` or ``"keep"``."""
+    metrics: tuple[str, int] | None = None
+    """Where the Prometheus endpoint listens: (IP address, port); None: off."""
+    hooks: str | None = None
+    """The directory of hook programs; None: no hooks."""
+    hook_timeout: float = 10.0
+    """Seconds a hook may run before it is killed."""
 
     @property
     def shift(self) -> int:
@@ -541,6 +547,7 @@ _DURATION_LIMITS: Final = MappingProxyType(
         "damp_hold": (1.0, 3600.0, "1s", "1h"),
         "dns_timeout": (1.0, 7 * 86400.0, "1s", "7d"),
         "sticky_timeout": (1.0, 7 * 86400.0, "1s", "168h"),
+        "hook_timeout": (0.1, 3600.0, "100ms", "1h"),
     }
 )
 
@@ -902,6 +909,7 @@ def _parse_settings(data: object, errors: _Errors) -> tuple[Settings, bool]:
     resync = defaults.resync
     keep_main_routes = defaults.keep_main_routes
     on_stop = defaults.on_stop
+    metrics, hooks, hook_timeout = defaults.metrics, defaults.hooks, defaults.hook_timeout
     mask_ok = True
     for key, value in table.items():
         path = f"settings.{_key(key)}"
@@ -927,6 +935,14 @@ def _parse_settings(data: object, errors: _Errors) -> tuple[Settings, bool]:
                 choice: OnStop | None = _choice(value, path, ("flush", "keep"), errors)
                 if choice is not None:
                     on_stop = choice
+            case "metrics":
+                metrics = _listen_address(value, path, errors)
+            case "hooks":
+                hooks = _hooks_dir(value, path, errors)
+            case "hook_timeout":
+                duration = _duration(value, path, "hook_timeout", errors)
+                if duration is not None:
+                    hook_timeout = duration[0]
             case _:
                 _unknown(path, errors)
     settings = Settings(
@@ -935,8 +951,47 @@ def _parse_settings(data: object, errors: _Errors) -> tuple[Settings, bool]:
         resync=resync,
         keep_main_routes=keep_main_routes,
         on_stop=on_stop,
+        metrics=metrics,
+        hooks=hooks,
+        hook_timeout=hook_timeout,
     )
     return settings, mask_ok
+
+
+def _listen_address(value: object, path: str, errors: _Errors) -> tuple[str, int] | None:
+    """``"ADDR:PORT"`` (``"[ADDR6]:PORT"`` for IPv6): an IP address, never a name to resolve."""
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        errors.add(path, f"{_q(text)}: write an IPv6 address in brackets, as [::1]:9826")
+        return None
+    if not sep or not host:
+        errors.add(path, f"{_q(text)} is not ADDRESS:PORT (for example 127.0.0.1:9826)")
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        errors.add(path, f"{_q(host)} is not an IP address")
+        return None
+    port = _decimal(port_text) if port_text.isascii() and port_text.isdigit() else None
+    if port is None or not 1 <= port <= 65535:
+        errors.add(path, f"port {_q(port_text)} is not a number in 1-65535")
+        return None
+    return str(address), port
+
+
+def _hooks_dir(value: object, path: str, errors: _Errors) -> str | None:
+    text = _str(value, path, errors)
+    if text is None:
+        return None
+    if not text.startswith("/") or "\0" in text or len(text.encode()) > 4096:
+        errors.add(path, f"{_q(text)} is not an absolute path")
+        return None
+    return text
 
 
 def _mark_mask(value: object, path: str, errors: _Errors) -> int | None:

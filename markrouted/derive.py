@@ -50,6 +50,7 @@ from .model import (
     RANGE_CHAIN,
     RT_SCOPE_LINK,
     RTN_UNREACHABLE,
+    counter_name,
     Address,
     BaseHook,
     DesiredState,
@@ -289,6 +290,21 @@ def _proto(number: int) -> nx.X:
 
 HOOKS = ("prerouting", "output")
 
+
+# ------------------------------------------------------------------ named counters
+
+
+def _count(kind: str, name: str) -> nx.X:
+    counter = counter_name(kind, name)
+    return nx.X({"counter": counter}, f"counter name {counter}")
+
+
+def counters(config: Config) -> tuple[str, ...]:
+    """Every named counter of the table: one per policy, one per uplink."""
+    return tuple([counter_name("policy", p.name) for p in config.policies]
+                 + [counter_name("uplink", u.name) for u in config.uplinks])
+
+
 # Expressions many policies share, built once (an X is immutable).
 _L4PROTO = {number: nx.match(nx.meta("l4proto"), _proto(number)) for number in PROTO_NAMES}
 _L4_WITH_PORTS = nx.match(nx.meta("l4proto"), nx.anon_set([_proto(n) for n in L4_WITH_PORTS]))
@@ -500,8 +516,10 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
         v = s.mark_value(u.mark)
         meta_set = nx.mangle(nx.meta("mark"), nx.bor(nx.band(nx.meta("mark"), keep), v))
         ct_set = nx.mangle(nx.ct("mark"), nx.bor(nx.band(nx.ct("mark"), keep), v))
-        chains.append(NftChain(f"set_{u.name}", None, (_rule(f"mark {u.name}", [meta_set, ct_set]),)))
-        chains.append(NftChain(f"restore_{u.name}", None, (_rule(f"restore {u.name}", [meta_set]),)))
+        # the uplink's counter: a new flow's first packet (set_), every later one (restore_)
+        count = _count("uplink", u.name)
+        chains.append(NftChain(f"set_{u.name}", None, (_rule(f"mark {u.name}", [meta_set, ct_set, count]),)))
+        chains.append(NftChain(f"restore_{u.name}", None, (_rule(f"restore {u.name}", [meta_set, count]),)))
         chains.append(NftChain(f"in_{u.name}", None, (_rule(f"inbound {u.name}", [ct_set]),)))
 
     chains.append(NftChain(f"{RANGE_CHAIN}{s.rule_priority}", None, ()))
@@ -545,7 +563,8 @@ def static_chains(config: Config, cgroup_prefix: str = "", cgroup_ids: Mapping[s
         if not in_hooks:
             continue
         tail = _policy_tail(policy, s.mark_mask, values, targets, gotos, chains, alive, sets)
-        rendered = [_rule(f"policy {policy.name}", [*parts, *tail], salt) for parts, salt in splits]
+        count = _count("policy", policy.name)
+        rendered = [_rule(f"policy {policy.name}", [*parts, count, *tail], salt) for parts, salt in splits]
         for hook in in_hooks:
             by_hook[hook] += rendered
 
@@ -681,7 +700,7 @@ def derive_nft(
                  nx.masquerade()],
             ))
     chains.append(NftChain("postrouting", BaseHook("nat", "postrouting", 100), tuple(nat)))
-    return NftTable(tuple(chains), static.sets)
+    return NftTable(tuple(chains), static.sets, counters(config))
 
 
 # ------------------------------------------------------------------ all of it

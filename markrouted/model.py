@@ -89,6 +89,18 @@ def recorded_ranges(table: NftTable | None) -> set[int]:
     return out
 
 
+def counter_name(kind: str, name: str) -> str:
+    """The named nft counter of a policy (``kind`` "policy") or an uplink ("uplink").
+
+    An nft identifier: letters, digits and ``_.-/`` only. Policy names may hold
+    ``:``, which nft refuses there; such a name is spelt in hex under another
+    prefix, so two policies never share a counter.
+    """
+    if ":" in name:
+        return f"{kind}x_{name.encode().hex()}"
+    return f"{kind}_{name}"
+
+
 def family_name(family: int) -> str:
     return "ipv4" if family == AF_INET else "ipv6"
 
@@ -482,6 +494,9 @@ class NftTable:
             if item.name == name:
                 return item
         return None
+    #: the named counters its rules count into (``derive.counter_name``); not
+    #: compared: the rules naming them are, and a replace re-declares them
+    counters: tuple[str, ...] = field(default=(), compare=False)
 
     def chain(self, name: str) -> NftChain | None:
         for chain in self.chains:
@@ -489,11 +504,18 @@ class NftTable:
                 return chain
         return None
 
-    def text(self) -> str:
-        """The table in nft's own syntax, as ``nft list table`` would show it."""
+    def text(self, counts: Mapping[str, tuple[int, int]] | None = None) -> str:
+        """The table in nft's own syntax, as ``nft list table`` would show it.
+
+        ``counts`` (name -> packets, bytes) starts the named counters where the
+        table being replaced left them, so a replace does not zero them.
+        """
         lines = [f"table {NFT_FAMILY} {NFT_TABLE} {{"]
         for item in self.sets:
             lines.extend(item.text())
+        for name in self.counters:
+            packets, nbytes = (counts or {}).get(name, (0, 0))
+            lines.append(f"\tcounter {name} {{ packets {packets} bytes {nbytes} }}")
         for chain in self.chains:
             lines.append(f"\tchain {chain.name} {{")
             if chain.base:

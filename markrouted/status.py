@@ -156,6 +156,50 @@ def _same_netns(pid: int) -> bool:
     return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 
 
+def with_counters(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with what the kernel counted: per policy packets, bytes and flows; per uplink the same.
+
+    A policy's packets and bytes are those of the new flows its rules
+    classified (its named counter); its flows, the conntrack entries carrying
+    the marks of the uplinks it uses now. An uplink's packets and bytes are
+    every packet of the flows markrouted sent through it, both directions
+    (its ``set_`` and ``restore_`` chains). Reading them needs CAP_NET_ADMIN:
+    without it (or without a table) the document says why and has no counts.
+    """
+    from .model import counter_name
+    from .kernel.counters import count_flows, read_counters
+    from .kernel.errors import KernelError
+
+    uplinks: dict[str, Any] = doc.get("uplinks") or {}
+    policies: dict[str, Any] = doc.get("policies") or {}
+    try:
+        counts = read_counters()
+        marks = {name: int(str(u.get("mark", "0")), 16) for name, u in uplinks.items()}
+        mask = int(str(doc.get("mark_mask") or "0x00ff0000"), 16)
+        flows = count_flows(sorted(set(marks.values())), mask)
+    except (KernelError, OSError, ValueError) as exc:
+        doc["counters_error"] = str(exc)
+        return doc
+    by_uplink = {name: flows.get(mark, 0) for name, mark in marks.items()}
+    for name, u in uplinks.items():
+        packets, nbytes = counts.get(counter_name("uplink", name), (0, 0))
+        u.update(packets=packets, bytes=nbytes, flows=by_uplink[name])
+    for name, p in policies.items():
+        packets, nbytes = counts.get(counter_name("policy", name), (0, 0))
+        p.update(packets=packets, bytes=nbytes, flows=sum(by_uplink.get(a, 0) for a in p.get("active", ())))
+    return doc
+
+
+def _amount(value: object) -> str:
+    """A count for the table: 1234567 -> 1.2M."""
+    if not isinstance(value, int):
+        return "-"
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
 def _ago(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 120:
@@ -200,12 +244,18 @@ def render(doc: Mapping[str, Any]) -> str:
         lines.extend("  " + e for e in str(doc["config_error"]).splitlines())
     if doc.get("last_error"):
         lines.append(f"last error: {doc['last_error']}")
+    if doc.get("counters_error"):
+        lines.append(f"counters not read: {doc['counters_error']}")
     uplinks = doc.get("uplinks", {})
     if uplinks:
-        rows = [["UPLINK", "STATE", "INTERFACE", "GATEWAY", "GATEWAY6", "TABLE", "MARK", "WHY"]]
+        counted = any("flows" in u for u in uplinks.values())
+        rows = [["UPLINK", "STATE", "INTERFACE", "GATEWAY", "GATEWAY6", "TABLE", "MARK"]
+                + (["FLOWS", "PACKETS", "BYTES"] if counted else []) + ["WHY"]]
         for name, u in uplinks.items():
             rows.append([name, u["state"], u["interface"], str(u.get("gateway") or "-"),
-                         str(u.get("gateway6") or "-"), str(u["table"]), str(u["mark"]), u.get("reason", "")])
+                         str(u.get("gateway6") or "-"), str(u["table"]), str(u["mark"])]
+                        + ([_amount(u.get(k)) for k in ("flows", "packets", "bytes")] if counted else [])
+                        + [u.get("reason", "")])
         lines.append("")
         lines.extend(_table(rows))
     else:
@@ -235,13 +285,15 @@ def render(doc: Mapping[str, Any]) -> str:
         lines.extend(_table(rows))
     policies = doc.get("policies", {})
     if policies:
-        rows = [["POLICY", "CARRIED BY", "TIERS", "FALLBACK"]]
+        counted = any("flows" in p for p in policies.values())
+        rows = [["POLICY", "CARRIED BY", "TIERS", "FALLBACK"] + (["FLOWS", "PACKETS", "BYTES"] if counted else [])]
         for name, p in policies.items():
             if p.get("action"):
                 rows.append([name, f"bypass ({p['action']})", "-", "-"])
                 continue
             active = ", ".join(p["active"]) if p["active"] else f"none ({p['fallback']})"
-            rows.append([name, active, tiers_text(p.get("tiers") or [], p.get("tier")), p["fallback"]])
+            rows.append([name, active, tiers_text(p.get("tiers") or [], p.get("tier")), p["fallback"]]
+                        + ([_amount(p.get(k)) for k in ("flows", "packets", "bytes")] if counted else []))
         lines.append("")
         lines.extend(_table(rows))
     return "\n".join(lines)

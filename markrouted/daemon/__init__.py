@@ -32,6 +32,7 @@ from ..monitor import Monitor
 from ..status import run_dir as default_run_dir
 from ..text import path as shown_path
 from .clock import Clock, Timer
+from .observer import Observer
 from .reporter import Reporter
 from .requests import SETTLE, Batch, Requests
 from .sources import HealthFeed, Source, default_sources
@@ -62,7 +63,9 @@ class Daemon:
         self._retry: Timer | None = None
         self._stopping = asyncio.Event()
         self.feed = HealthFeed(self.request, lambda: self.reporter.publish(self.config), self.clock)
-        self.monitor = Monitor(log, self.feed.changed, self.feed.round)
+        # hooks and metrics: told the same moments as the reporter, never in the way
+        self.observer = Observer(log, config)
+        self.monitor = Monitor(log, self.feed.changed, self._probe_round)
         self.monitor.configure(config)
         self.reporter = Reporter(config_path, log, self.notify, run_dir or default_run_dir(), self.monitor,
                                  self.worker.clear_conntrack, self.clock)
@@ -74,6 +77,10 @@ class Daemon:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def _probe_round(self) -> None:
+        self.feed.round()
+        self.observer.probe_round(self.monitor)
 
     def watchdog(self, interval: float) -> None:
         stuck = self.busy_since is not None and self.clock.monotonic() - self.busy_since > interval
@@ -89,6 +96,7 @@ class Daemon:
             new = load(self.config_path)
         except ConfigError as exc:
             self.reporter.refused(self.config, exc, why)
+            self.observer.refused(exc)
             return
         for line in new.warnings:
             self.log.warning("config warning", error=line)
@@ -100,6 +108,7 @@ class Daemon:
         self.config = new
         self.monitor.configure(new)
         self.reporter.reloaded(new, why)
+        self.observer.reloaded(new)
         self.request("config reloaded", full=True)
 
     # ------------------------------------------------------------ one pass
@@ -119,13 +128,16 @@ class Daemon:
         if outcome.error is not None:
             delay = self.backoff.failed()
             self.reporter.failed(self.config, outcome.error, delay, trigger)
+            self.observer.failed()
             self._retry = self.clock.call_later(delay, self.request, "retry after error", True)
             return
         self.backoff.reset()
         # only the ranges this pass cleared: a reload during the pass may have added one
         self.old_ranges -= cleared
+        previous = self.reporter.desired
         await self.reporter.passed(self.config, outcome, trigger)
         assert outcome.result is not None
+        self.observer.passed(previous, outcome.result.desired, outcome.result.writes, outcome.seconds)
         self.monitor.update(outcome.result.desired, self.config)
         for source in self.sources:
             source.follow(self.config)
@@ -140,6 +152,7 @@ class Daemon:
             for source in self.sources:
                 await source.start(self)
                 source.follow(self.config)
+            self.observer.configure(self.config)
             serving = asyncio.create_task(self.requests.serve(self._pass))
             stopping = asyncio.create_task(self._stopping.wait())
             await asyncio.wait([stopping, serving], return_when=asyncio.FIRST_COMPLETED)
@@ -163,23 +176,26 @@ class Daemon:
             self.reporter.stopping()
         await self.monitor.close()
         self.feed.close()
+        await self.observer.close()
         if stop:
-            await self._flush_or_keep()
+            await flush_or_keep(self.worker, self.config, self.old_ranges, self.log)
             self.reporter.remove()
         # closed by the thread that used it, after its last pass
         await self.worker.close()
         for source in self.sources:
             source.close()
 
-    async def _flush_or_keep(self) -> None:
-        if self.config.settings.on_stop != "flush":
-            self.log.info("stopped", on_stop="keep")
-            return
-        try:
-            n = await self.worker.flush(self.config, self.old_ranges, self.log.bind(trigger="stop"))
-            self.log.info("stopped", on_stop="flush", removed=n)
-        except KernelError as exc:
-            self.log.error("flush on stop failed", error=str(exc))
+
+async def flush_or_keep(worker: Worker, config: Config, old_ranges: set[int], log: Any) -> None:
+    """A clean stop applies ``on_stop``: remove everything owned (old priority ranges too), or leave it."""
+    if config.settings.on_stop != "flush":
+        log.info("stopped", on_stop="keep")
+        return
+    try:
+        n = await worker.flush(config, old_ranges, log.bind(trigger="stop"))
+        log.info("stopped", on_stop="flush", removed=n)
+    except KernelError as exc:
+        log.error("flush on stop failed", error=str(exc))
 
 
 def run(config_path: str, log_mode: str = "auto") -> int:

@@ -394,6 +394,7 @@ class Reporter:
             health=self.monitor.documents(),
             passes=self.passes,
             last_pass_seconds=round(self.last_seconds, 6),
+            mark_mask=f"{config.settings.mark_mask:#010x}",
         )
         try:
             self._publisher.write(self.desired, self.in_sync, **fields)

@@ -24,6 +24,8 @@ transaction that happens entirely or not at all:
   counter or other set is touched, so a set file's edit is a handful of
   element messages in ``nft monitor``. The element diff is
   ``diff.diff_elements`` on merged intervals;
+  The named counters are re-declared in that script with the values they
+  had just before (``counters.read_counters``), so a replace does not zero them;
 * remove (``NftUpdate.remove``): ``add table; delete table`` through libnftables.
 
 The dynamic sets dnsmasq fills (``NftSet.dynamic``) are declared by
@@ -67,11 +69,13 @@ Which nf_tables notifications concern the table is decided here too
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from ..model import NFT_FAMILY, NFT_TABLE, Interval, NftChain, NftSet, NftTable, NftUpdate, SetElements
 from .errors import KernelError, Unsupported, denied
 from .nl import NFPROTO_INET
+from .counters import read_counters
 from .nftdump import NftDumper
 from .nftraw import RawRefill
 
@@ -129,9 +133,23 @@ def next_generation(gen: int) -> int:
     return (gen + 1) % _GEN_MOD or 1
 
 
-def replace_script(table: NftTable) -> str:
-    """The replace transaction as one nft script."""
-    return _DELETE + table.text() + "\n"
+def replace_script(table: NftTable, counts: Mapping[str, tuple[int, int]] | None = None) -> str:
+    """The replace transaction as one nft script; ``counts`` carry the named counters over."""
+    return _DELETE + table.text(counts) + "\n"
+
+
+def carried_counts(table: NftTable) -> dict[str, tuple[int, int]]:
+    """The current values of the table's named counters, for the replace to start from.
+
+    Read just before the replace: what is counted in between (microseconds) is
+    lost, nothing more. Unreadable (no table yet, an old kernel): start at zero.
+    """
+    if not table.counters:
+        return {}
+    try:
+        return read_counters()
+    except (KernelError, OSError):
+        return {}
 
 
 def elements_script(changes: tuple[SetElements, ...]) -> str:
@@ -169,7 +187,7 @@ def refilled(table: NftTable | None, desired: NftTable, names: tuple[str, ...]) 
     for chain in table.chains:
         want = desired.chain(chain.name) if chain.name in names else None
         chains.append(NftChain(chain.name, chain.base, want.rules) if want else chain)
-    return NftTable(tuple(chains)) if all(n in have for n in names) else None
+    return NftTable(tuple(chains), table.sets, table.counters) if all(n in have for n in names) else None
 
 
 class Nft:
@@ -295,7 +313,8 @@ class Nft:
             self._script(_DELETE, f"delete table {_TABLE}")
             return None, 1
         if update.replace:
-            self._script(replace_script(desired) + self._carried(desired), f"replace table {_TABLE}")
+            self._script(replace_script(desired, carried_counts(desired)) + self._carried(desired),
+                         f"replace table {_TABLE}")
             return desired, 1
         commits = 0
         known = before[1] if before is not None else None

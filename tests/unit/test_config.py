@@ -1115,7 +1115,8 @@ def test_shipped_config_shows_every_key() -> None:
     data = tomllib.loads(_uncommented(SHIPPED.read_text()))
     assert set(data) == {"settings", "uplinks", "policy", "sets"}
     assert set(data["sets"]["video"]) == {"elements", "domains", "dns_timeout"}  # files: a path must exist
-    assert set(data["settings"]) == {"mark_mask", "rule_priority", "resync", "keep_main_routes", "on_stop"}
+    assert set(data["settings"]) == {"mark_mask", "rule_priority", "resync", "keep_main_routes", "on_stop",
+                                    "metrics", "hooks", "hook_timeout"}
     uplink_keys = set().union(*(set(u) for u in data["uplinks"].values()))
     assert uplink_keys == {"interface", "table", "mark", "gateway", "gateway6", "masquerade", "check"}
     assert set(data["uplinks"]["wan1"]["check"]) == {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -167,8 +168,12 @@ def chain(state: DesiredState, name: str) -> list[str]:
 
 
 def policy_rules(state: DesiredState, hook: str) -> list[str]:
-    """The policy rules of a hook chain (without the fixed head of the chain)."""
-    return [r.text for r in policy_rule_objects(state, hook)]
+    """The policy rules of a hook chain (without the fixed head of the chain), counters aside.
+
+    Every policy rule counts into its policy's named counter just before its
+    goto (``test_named_counters`` checks that); left out here for brevity.
+    """
+    return [re.sub(r"counter name \S+ ", "", r.text) for r in policy_rule_objects(state, hook)]
 
 
 def policy_rule_objects(state: DesiredState, hook: str) -> list[NftRule]:
@@ -796,11 +801,11 @@ def test_hook_chain_heads() -> None:
         'meta iifname "eth0" goto in_wan1',
         'meta iifname "eth1" goto in_wan2',
         "fib daddr type { local, broadcast, multicast } return",
-        "meta l4proto { tcp, udp, sctp, udplite } th dport { 80, 443 } goto pick_0",
+        "meta l4proto { tcp, udp, sctp, udplite } th dport { 80, 443 } counter name policy_web goto pick_0",
     ]
     assert chain(state, "output") == head + [
         "fib daddr type { local, broadcast, multicast } return",
-        "meta l4proto { tcp, udp, sctp, udplite } th dport { 80, 443 } goto pick_0",
+        "meta l4proto { tcp, udp, sctp, udplite } th dport { 80, 443 } counter name policy_web goto pick_0",
     ]
 
 
@@ -891,8 +896,10 @@ def test_restore_map_keys_are_the_uplink_marks(mask: int, marks: tuple[int, int,
 def test_mark_chain_text() -> None:
     state = derive(config(), WORLD)
     assert chain(state, "set_wan2") == [
-        "meta mark set meta mark & 0xff00ffff | 0x00020000 ct mark set ct mark & 0xff00ffff | 0x00020000"]
-    assert chain(state, "restore_wan2") == ["meta mark set meta mark & 0xff00ffff | 0x00020000"]
+        "meta mark set meta mark & 0xff00ffff | 0x00020000 ct mark set ct mark & 0xff00ffff | 0x00020000"
+        " counter name uplink_wan2"]
+    assert chain(state, "restore_wan2") == ["meta mark set meta mark & 0xff00ffff | 0x00020000"
+                                            " counter name uplink_wan2"]
     assert chain(state, "in_wan2") == ["ct mark set ct mark & 0xff00ffff | 0x00020000"]
 
 
@@ -1027,3 +1034,30 @@ def test_state_json_is_serialisable() -> None:
     for c in state.nft.chains:
         for r in c.rules:
             assert json.loads(json.dumps(r.expr)) == r.expr
+
+
+# =============================================================== named counters
+
+
+def test_named_counters() -> None:
+    """Each policy rule counts into its policy's counter; set_ and restore_ into the uplink's."""
+    cfg = parse(WAN1 + WAN2 + """
+[[policy]]
+name = "a:b"
+uplinks = ["wan1"]
+[[policy]]
+name = "web.x"
+proto = "tcp"
+uplinks = ["wan2"]
+""")
+    state = derive(cfg, WORLD)
+    assert state.nft is not None
+    assert state.nft.counters == ("policyx_613a62", "policy_web.x", "uplink_wan1", "uplink_wan2")
+    out = state.nft.chain("output")
+    assert out is not None
+    texts = [r.text for r in out.rules if r.comment.startswith("policy ")]
+    assert texts == ["counter name policyx_613a62 goto pick_0",
+                     "meta l4proto tcp counter name policy_web.x goto pick_1"]
+    table = state.nft.text({"uplink_wan1": (7, 700)})
+    assert "\tcounter uplink_wan1 { packets 7 bytes 700 }" in table
+    assert "\tcounter policy_web.x { packets 0 bytes 0 }" in table

@@ -43,7 +43,8 @@ SOCKET_CONSTANTS = frozenset({"AF_INET", "AF_INET6"})
 FILE_IO = {"os": ("markrouted.config",)}
 #: markrouted's own modules that do I/O, which the pure core may not reach through.
 IO_PACKAGE = ("markrouted.kernel", "markrouted.daemon", "markrouted.reconcile", "markrouted.monitor",
-              "markrouted.status", "markrouted.log", "markrouted.cli", "markrouted.__main__")
+              "markrouted.status", "markrouted.log", "markrouted.cli", "markrouted.__main__",
+              "markrouted.hooks", "markrouted.metrics")
 KERNEL_LIBRARIES = ("pyroute2", "nftables")
 
 #: Who may import whom: a module imports only modules of a lower level (and,
@@ -66,6 +67,8 @@ LEVELS: Mapping[str, int] = {
     "markrouted.status": 4,
     "markrouted.log": 4,
     "markrouted.monitor": 5,
+    "markrouted.hooks": 5,  # running the hook programs
+    "markrouted.metrics": 5,  # the Prometheus endpoint
     "markrouted.daemon": 6,
     "markrouted.cli": 7,
     "markrouted.__main__": 8,

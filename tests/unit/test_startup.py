@@ -73,7 +73,7 @@ def test_an_invalid_config_is_reported_without_the_kernel_package(tmp_path: obje
 
 
 def test_status_next_to_a_daemon_reads_its_file_and_nothing_else(tmp_path: object) -> None:
-    """A running daemon's view is one JSON file: no config, no kernel, no derivation."""
+    """A running daemon's view is one JSON file and the counters: no config, no derivation."""
     doc = {"pid": os.getpid(), "in_sync": True, "uplinks": {}, "policies": {}}  # a live pid, our netns
     with open(os.path.join(str(tmp_path), "status.json"), "w") as f:
         json.dump(doc, f)
@@ -81,7 +81,10 @@ def test_status_next_to_a_daemon_reads_its_file_and_nothing_else(tmp_path: objec
     assert result["rc"] == 0 and "in sync; daemon" in str(result["out"])
     modules = result["modules"]
     assert isinstance(modules, list)
-    assert heavy(modules) == [] and "markrouted.config" not in modules
+    # and the kernel's counters: two small netlink dumps, their own socket, nothing else of the kernel
+    assert heavy(modules) == ["markrouted.kernel"] and "markrouted.config" not in modules
+    assert {m for m in modules if m.startswith("markrouted.kernel.")} <= {
+        "markrouted.kernel.counters", "markrouted.kernel.nl", "markrouted.kernel.errors"}
 
 
 def test_the_version_loads_only_the_parser() -> None:
