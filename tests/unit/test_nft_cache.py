@@ -152,3 +152,19 @@ def test_a_failed_write_drops_the_listing(world: tuple[Namespace, Nft, Binding])
 def test_the_generation_wraps_past_zero() -> None:
     assert next_generation(0xFFFFFFFF) == 1
     assert next_generation(7) == 8
+
+
+def test_a_refilled_listing_keeps_the_sets_and_counters() -> None:
+    """A failover refills chains only: the remembered table must still hold its sets and counters,
+    or the next pass would see them missing and replace the whole table."""
+    from markrouted.kernel.nft import refilled
+    from markrouted.model import NftSet
+
+    old_rule = NftRule("[]", "goto set_a", "pick #1")
+    new_rule = NftRule("[]", "goto set_b", "pick #2")
+    sets = (NftSet("sticky_0_a_4", 4, dynamic=True, timeout=30, learns=True),)
+    table = NftTable((NftChain("pick_0", None, (old_rule,)),), sets, ("policy_web",))
+    desired = NftTable((NftChain("pick_0", None, (new_rule,)),), sets, ("policy_web",))
+    after = refilled(table, desired, ("pick_0",))
+    assert after is not None
+    assert after.chains == desired.chains and after.sets == sets and after.counters == ("policy_web",)
