@@ -31,6 +31,7 @@ The design, per family (IPv4 and IPv6 alike):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
@@ -296,7 +297,7 @@ HOOKS = ("prerouting", "output")
 
 def _count(kind: str, name: str) -> nx.X:
     counter = counter_name(kind, name)
-    return nx.X({"counter": counter}, f"counter name {counter}")
+    return nx.X({"counter": counter}, f"counter name {counter}", '{"counter":' + nx.canonical(nx.word(counter)) + "}")
 
 
 def counters(config: Config) -> tuple[str, ...]:
@@ -384,13 +385,19 @@ def _policy_matches(
     return hooks, out
 
 
+@functools.lru_cache(maxsize=65536)
+def _prefix(net: IPNetwork) -> nx.X:
+    """A CIDR as an nft prefix; the same few networks recur in many policies (cached)."""
+    return nx.prefix(str(net.network_address), net.prefixlen)
+
+
 def _address_options(
     field: nx.X, nets: Sequence[IPNetwork], refs: Sequence[SetRef],
     sets_by_name: Mapping[str, AddressSet], version: int,
 ) -> list[nx.X]:
     """The matches of one address field for one IP version: literals as one anonymous set, then each set."""
     options = []
-    mine = [nx.prefix(str(n.network_address), n.prefixlen) for n in nets if n.version == version]
+    mine = [_prefix(n) for n in nets if n.version == version]
     if mine:
         options.append(nx.match(field, nx.anon_set(mine)))
     for ref in refs:
