@@ -37,7 +37,7 @@ from typing import Any
 import pytest
 
 from conftest import missing  # the suite's root conftest
-from .nspawn import SUITES, Container, deb_relations, poll, rootfs_variant, run
+from .nspawn import SUITES, Container, deb_relations, poll, rootfs_variant, run, without_counts
 from .test_systemd import (AGENT, ISP_OF, POLL_DEADLINE, POLL_TIMEOUT, PROTO, PYTHON, SERVER4, SERVER6,
                            TWO_UPLINKS, events, wait_event, wait_status)
 
@@ -533,14 +533,14 @@ def test_firewalld_reload_and_restart_leave_markrouted_alone(container: Containe
         assert net.follows_policies()
         assert check_kernel(ct) == (0, ["/etc/markrouted.toml: valid; kernel: 0 errors, 0 warnings"])
 
-        table = ct.sh("nft", "list", "table", "inet", "markrouted").stdout
+        table = without_counts(ct.sh("nft", "list", "table", "inet", "markrouted").stdout)
         since = time.time()
         ct.sh("firewall-cmd", "--reload", timeout=120)
         assert net.follows_policies()
         ct.sh("systemctl", "restart", "firewalld", timeout=120)
         poll("firewalld to run", lambda: ct.sh("firewall-cmd", "--state", check=False).returncode == 0, 60)
         assert net.follows_policies()
-        assert ct.sh("nft", "list", "table", "inet", "markrouted").stdout == table
+        assert without_counts(ct.sh("nft", "list", "table", "inet", "markrouted").stdout) == table
         assert events(ct, since) == []  # nothing to repair, nothing said
 
         # a firewalld rule that sets the mark, with a mask outside mark_mask: firewalld writes
