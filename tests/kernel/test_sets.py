@@ -166,3 +166,23 @@ def test_a_bad_set_file_changes_nothing(host: Host) -> None:
     assert f"{path}:3: \"not-an-address\" is not an IP address or CIDR" in proc.stderr, proc.stderr
     assert f"{path}:4: \"198.18.3.1/24\" has host bits set" in proc.stderr, proc.stderr
     assert host.sh("nft", "list", "table", "inet", "markrouted") == before
+
+
+def test_a_replace_keeps_the_sticky_sources_the_packets_taught(host: Host) -> None:
+    """The sticky-source sets are dynamic sets of the table like dnsmasq's: a structural
+    change replaces the table, and the addresses learnt by the packet path stay."""
+    sticky = '\n[[policy]]\nname = "shop"\ndport = [4443]\nuplinks = [{ wan1 = 1, wan2 = 1 }]\nsticky = "source"\n'
+    path = _write_set(host, ["198.18.0.0/24"])
+    host.apply(_config(host, path, extra=sticky))
+    names = [n for n in host.sh("nft", "list", "sets", "table", "inet", "markrouted").split()
+             if n.startswith("sticky_")]
+    v4 = next(n for n in names if n.endswith("_wan1_4"))
+    assert "flags dynamic,timeout" in host.sh("nft", "list", "set", "inet", "markrouted", v4)
+    host.sh("nft", "add", "element", "inet", "markrouted", v4, "{ 192.0.2.99 }")  # as `update @set` would
+    changed = _config(host, path, extra=sticky + '\n[[policy]]\nname = "more"\ndport = [8443]\nuplinks = ["wan1"]\n')
+    host.apply(changed)
+    assert host.sh("nft", "list", "chain", "inet", "markrouted", "output").count("policy more") == 1
+    kept = _elements(host, v4)
+    assert [e["elem"]["val"] for e in kept] == ["192.0.2.99"], kept
+    assert all(0 < e["elem"]["expires"] <= 600 for e in kept)  # sticky_timeout's default, 10m
+    assert host.mr("plan", config=changed).returncode == 0  # and in sync: the set's shape reads back equal
