@@ -39,7 +39,7 @@ import pytest
 from conftest import missing  # the suite's root conftest
 from .nspawn import SUITES, Container, deb_relations, poll, rootfs_variant, run, without_counts
 from .test_systemd import (AGENT, ISP_OF, POLL_DEADLINE, POLL_TIMEOUT, PROTO, PYTHON, SERVER4, SERVER6,
-                           TWO_UPLINKS, events, wait_event, wait_status)
+                           TWO_UPLINKS, build_upstream, events, wait_event, wait_status)
 
 pytestmark = pytest.mark.system
 
@@ -89,29 +89,7 @@ class Net:
                  "net.ipv6.conf.all.accept_dad=0"])
         self.veth("wan1", isp1)
         self.veth("wan2", isp2)
-        run(["ip", "link", "add", "core", "netns", isp1, "type", "veth", "peer", "name", "isp1", "netns", server])
-        run(["ip", "link", "add", "core", "netns", isp2, "type", "veth", "peer", "name", "isp2", "netns", server])
-        for ns, dev, addrs in (
-            (isp1, "cust", ("198.51.100.1/24", "2001:db8:1::1/64")),
-            (isp2, "cust", ("203.0.113.1/24", "2001:db8:2::1/64")),
-            (isp1, "core", ("198.18.1.1/24", "2001:db8:f1::1/64")),
-            (isp2, "core", ("198.18.2.1/24", "2001:db8:f2::1/64")),
-            (server, "isp1", ("198.18.1.2/24", "2001:db8:f1::2/64")),
-            (server, "isp2", ("198.18.2.2/24", "2001:db8:f2::2/64")),
-            (server, "lo", (f"{SERVER4}/32", f"{SERVER6}/128")),
-        ):
-            for cidr in addrs:
-                self.ip(ns, "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else []))
-            self.ip(ns, "link", "set", dev, "up")
-        for ns in (isp1, isp2):
-            run(["nsenter", f"--net=/run/netns/{ns}", "sysctl", "-qw", "net.ipv4.ip_forward=1",
-                 "net.ipv6.conf.all.forwarding=1"])
-        for ns, up4, up6 in ((isp1, "198.18.1.2", "2001:db8:f1::2"), (isp2, "198.18.2.2", "2001:db8:f2::2")):
-            self.ip(ns, "route", "add", "default", "via", up4)
-            self.ip(ns, "-6", "route", "add", "default", "via", up6)
-        for prefix, via in (("198.51.100.0/24", "198.18.1.1"), ("203.0.113.0/24", "198.18.2.1"),
-                            ("2001:db8:1::/64", "2001:db8:f1::1"), ("2001:db8:2::/64", "2001:db8:f2::1")):
-            self.ip(server, "route", "add", prefix, "via", via)
+        build_upstream(isp1, isp2, server)
         self.server = subprocess.Popen(["nsenter", f"--net=/run/netns/{server}", PYTHON, AGENT, "serve", "22", "80"],
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
         poll("the server to listen", lambda: run(["nsenter", f"--net=/run/netns/{server}", "ss", "-Htln",

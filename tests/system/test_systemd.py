@@ -84,6 +84,40 @@ INVALID = WITH_SSH.replace("mark = 2", "mark = 300")
 # ------------------------------------------------------------------ the network around it
 
 
+def build_upstream(isp1: str, isp2: str, server: str) -> None:
+    """The two ISPs (each forwarding, its customer side on ``cust``) and the server behind both.
+
+    The customer links themselves (``cust`` in each ISP) are the caller's: how the container
+    gets its addresses on them is what the tests differ in.
+    """
+    def ip(ns: str, *args: str) -> None:
+        run(["ip", "-n", ns, *args])
+
+    run(["ip", "link", "add", "core", "netns", isp1, "type", "veth", "peer", "name", "isp1", "netns", server])
+    run(["ip", "link", "add", "core", "netns", isp2, "type", "veth", "peer", "name", "isp2", "netns", server])
+    for ns, dev, addrs in (
+        (isp1, "cust", ("198.51.100.1/24", "2001:db8:1::1/64")),
+        (isp2, "cust", ("203.0.113.1/24", "2001:db8:2::1/64")),
+        (isp1, "core", ("198.18.1.1/24", "2001:db8:f1::1/64")),
+        (isp2, "core", ("198.18.2.1/24", "2001:db8:f2::1/64")),
+        (server, "isp1", ("198.18.1.2/24", "2001:db8:f1::2/64")),
+        (server, "isp2", ("198.18.2.2/24", "2001:db8:f2::2/64")),
+        (server, "lo", (f"{SERVER4}/32", f"{SERVER6}/128")),
+    ):
+        for cidr in addrs:
+            ip(ns, "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else []))
+        ip(ns, "link", "set", dev, "up")
+    for ns in (isp1, isp2):
+        run(["nsenter", f"--net=/run/netns/{ns}", "sysctl", "-qw", "net.ipv4.ip_forward=1",
+             "net.ipv6.conf.all.forwarding=1"])
+    for ns, up4, up6 in ((isp1, "198.18.1.2", "2001:db8:f1::2"), (isp2, "198.18.2.2", "2001:db8:f2::2")):
+        ip(ns, "route", "add", "default", "via", up4)
+        ip(ns, "-6", "route", "add", "default", "via", up6)
+    for prefix, via in (("198.51.100.0/24", "198.18.1.1"), ("203.0.113.0/24", "198.18.2.1"),
+                        ("2001:db8:1::/64", "2001:db8:f1::1"), ("2001:db8:2::/64", "2001:db8:f2::1")):
+        ip(server, "route", "add", prefix, "via", via)
+
+
 class Net:
     """The uplinks, ISPs and server around the container, and the foreign state in it."""
 
@@ -104,31 +138,12 @@ class Net:
                  "net.ipv6.conf.all.accept_dad=0"])
         run(["ip", "link", "add", "wan1", "netns", ct.ns, "type", "veth", "peer", "name", "cust", "netns", isp1])
         run(["ip", "link", "add", "wan2", "netns", ct.ns, "type", "veth", "peer", "name", "cust", "netns", isp2])
-        run(["ip", "link", "add", "core", "netns", isp1, "type", "veth", "peer", "name", "isp1", "netns", server])
-        run(["ip", "link", "add", "core", "netns", isp2, "type", "veth", "peer", "name", "isp2", "netns", server])
-        for ns, dev, addrs in (
-            (ct.ns, "wan1", ("198.51.100.2/24", "2001:db8:1::2/64")),
-            (ct.ns, "wan2", ("203.0.113.2/24", "2001:db8:2::2/64")),
-            (isp1, "cust", ("198.51.100.1/24", "2001:db8:1::1/64")),
-            (isp2, "cust", ("203.0.113.1/24", "2001:db8:2::1/64")),
-            (isp1, "core", ("198.18.1.1/24", "2001:db8:f1::1/64")),
-            (isp2, "core", ("198.18.2.1/24", "2001:db8:f2::1/64")),
-            (server, "isp1", ("198.18.1.2/24", "2001:db8:f1::2/64")),
-            (server, "isp2", ("198.18.2.2/24", "2001:db8:f2::2/64")),
-            (server, "lo", (f"{SERVER4}/32", f"{SERVER6}/128")),
-        ):
+        for dev, addrs in (("wan1", ("198.51.100.2/24", "2001:db8:1::2/64")),
+                           ("wan2", ("203.0.113.2/24", "2001:db8:2::2/64"))):
             for cidr in addrs:
-                self.ip(ns, "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else []))
-            self.ip(ns, "link", "set", dev, "up")
-        for ns in (isp1, isp2):
-            run(["nsenter", f"--net=/run/netns/{ns}", "sysctl", "-qw", "net.ipv4.ip_forward=1",
-                 "net.ipv6.conf.all.forwarding=1"])
-        for ns, up4, up6 in ((isp1, "198.18.1.2", "2001:db8:f1::2"), (isp2, "198.18.2.2", "2001:db8:f2::2")):
-            self.ip(ns, "route", "add", "default", "via", up4)
-            self.ip(ns, "-6", "route", "add", "default", "via", up6)
-        for prefix, via in (("198.51.100.0/24", "198.18.1.1"), ("203.0.113.0/24", "198.18.2.1"),
-                            ("2001:db8:1::/64", "2001:db8:f1::1"), ("2001:db8:2::/64", "2001:db8:f2::1")):
-            self.ip(server, "route", "add", prefix, "via", via)
+                self.ip(ct.ns, "addr", "add", cidr, "dev", dev, *(["nodad"] if ":" in cidr else []))
+            self.ip(ct.ns, "link", "set", dev, "up")
+        build_upstream(isp1, isp2, server)
         # the container: a default route via each ISP, as two DHCP clients would install them
         self.ip(ct.ns, "route", "add", "default", "via", "198.51.100.1", "dev", "wan1", "metric", "100")
         self.ip(ct.ns, "route", "add", "default", "via", "203.0.113.1", "dev", "wan2", "metric", "200")
